@@ -1,0 +1,8 @@
+//! Quilt's integration tests: real containers on a busybox rootfs, run as root.
+//! One binary (ripgrep style); one module per area.
+
+mod bad_input;
+mod bundle;
+mod cgroup_v2;
+mod isolation;
+mod limits;

@@ -1,0 +1,171 @@
+//! Fixtures shared by Quilt's integration tests: a busybox rootfs built from
+//! the host's busybox-static, a private data directory per test, the `quilt`
+//! binary, and checks that a test left nothing behind.
+//!
+//! These tests need root, a real kernel and `busybox` on PATH (Debian's
+//! busybox-static); `.ci/run` installs what they need.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// Where the shared busybox rootfs lives (built once per test process).
+pub fn busybox_rootfs() -> &'static Path {
+    static ROOTFS: OnceLock<PathBuf> = OnceLock::new();
+    ROOTFS.get_or_init(|| {
+        let dir = PathBuf::from(format!("/tmp/quilt-test-rootfs-{}", std::process::id()));
+        build_busybox_rootfs(&dir);
+        dir
+    })
+}
+
+/// Build a minimal busybox root filesystem at `dir`.
+pub fn build_busybox_rootfs(dir: &Path) {
+    let busybox = which("busybox").expect("busybox not on PATH: apt-get install -y busybox-static");
+    let _ = std::fs::remove_dir_all(dir);
+    for sub in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    std::fs::copy(&busybox, dir.join("bin/busybox")).unwrap();
+    let list = Command::new(&busybox).arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet.is_empty() || applet == "busybox" {
+            continue;
+        }
+        let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
+    }
+    std::fs::write(
+        dir.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+}
+
+/// Find a program on PATH.
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The `quilt` binary built next to this test binary.
+pub fn quilt_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("QUILT_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/integration-<hash> -> target/<profile>/quilt
+    let candidate = exe.parent().and_then(Path::parent).map(|dir| dir.join("quilt")).unwrap();
+    assert!(
+        candidate.is_file(),
+        "{} not built: run `cargo build --workspace --bins` first (or set QUILT_BIN)",
+        candidate.display()
+    );
+    candidate
+}
+
+/// A private data directory for one test, removed (with a leftover check) on drop.
+pub struct TestDir {
+    /// The directory.
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    /// Make a fresh one named after the test.
+    pub fn new(name: &str) -> TestDir {
+        let path = PathBuf::from(format!("/tmp/quilt-test-{}-{}", std::process::id(), name));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TestDir { path }
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// `quilt run --local --rootfs <busybox> [flags] -- command`, with `--data-dir`.
+pub fn quilt_run(data: &TestDir, id: &str, flags: &[&str], command: &[&str]) -> Output {
+    let mut cmd = Command::new(quilt_binary());
+    cmd.arg("--data-dir")
+        .arg(&data.path)
+        .args(["run", "--local", "--name", id, "--rootfs"])
+        .arg(busybox_rootfs())
+        .args(flags)
+        .arg("--")
+        .args(command);
+    cmd.output().unwrap()
+}
+
+/// As [`quilt_run`] with `--json`, parsed.
+pub fn quilt_run_json(
+    data: &TestDir,
+    id: &str,
+    flags: &[&str],
+    command: &[&str],
+) -> (i32, serde_json::Value) {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(flags);
+    let output = quilt_run(data, id, &all, command);
+    let code = output.status.code().unwrap_or(-1);
+    let value = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "quilt --json printed no JSON ({error}); exit {code}; stdout {:?}; stderr {:?}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (code, value)
+}
+
+/// The text a container printed on stdout, trimmed.
+pub fn stdout_text(outcome: &serde_json::Value) -> String {
+    outcome["stdout"]["text"].as_str().unwrap_or_default().trim().to_owned()
+}
+
+/// Every v1 hierarchy or v2 tree where a container's cgroup could be.
+pub fn cgroup_dirs(parent: &str, id: &str) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    let base = Path::new("/sys/fs/cgroup");
+    if let Ok(entries) = std::fs::read_dir(base) {
+        for entry in entries.flatten() {
+            dirs.push(entry.path().join(parent).join(id));
+        }
+    }
+    dirs.push(base.join(parent).join(id));
+    dirs
+}
+
+/// Assert that container `id` left no cgroup, mount, state directory or process behind.
+pub fn assert_nothing_left(data: &TestDir, parent: &str, id: &str) {
+    for dir in cgroup_dirs(parent, id) {
+        assert!(!dir.exists(), "cgroup {} left behind", dir.display());
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let data_path = data.path.to_string_lossy();
+    for line in mountinfo.lines() {
+        assert!(!line.contains(data_path.as_ref()), "mount left behind: {line}");
+    }
+    let state = data.path.join("containers").join(id);
+    assert!(!state.exists(), "state directory {} left behind", state.display());
+}
+
+/// Host processes whose command line contains `needle` (used to check, never to kill).
+pub fn processes_matching(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if text.contains(needle) {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}

@@ -1,0 +1,70 @@
+//! Flags, environment variables and subcommands. Parses the command line,
+//! sets up logging and hands off to one module per verb.
+
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code when Quilt itself could not run the container (bad input, setup failure).
+pub(crate) const EXIT_QUILT_ERROR: u8 = 125;
+
+/// Quilt: run untrusted tasks in isolated, limited containers.
+#[derive(Parser, Debug)]
+#[command(name = "quilt", version, about, long_about = None)]
+pub(crate) struct Cli {
+    /// Where Quilt keeps its state (container directories, later images and the event log).
+    #[arg(long, global = true, env = "QUILT_DATA_DIR", default_value = "/var/lib/quilt")]
+    pub(crate) data_dir: PathBuf,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Run a command in a new container and exit with its exit code.
+    Run(run::RunArgs),
+}
+
+/// Parse, run, map the result to an exit code.
+pub(crate) fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Run(args) => run::run(&cli.data_dir, args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            eprintln!("quilt: {}", one_line(&error));
+            ExitCode::from(EXIT_QUILT_ERROR)
+        }
+    }
+}
+
+/// `error: cause: cause` on one line.
+pub(crate) fn one_line(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+fn init_logging() {
+    // Logging is opt-in through QUILT_LOG (e.g. QUILT_LOG=debug) so that a
+    // plain `quilt run` prints nothing but the container's own output.
+    if let Ok(filter) = std::env::var("QUILT_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}

@@ -1,0 +1,298 @@
+//! `quilt run --local`: drive the engine directly, print the container's
+//! output as it is produced, exit with its code.
+//!
+//! Exit codes: the container's own; 128+N when a signal killed it; 124 when
+//! the timeout killed it; 123 when the OOM killer did; 125 when Quilt could
+//! not run it (bad input, setup failure); 126 when the command is not
+//! executable; 127 when it is not found in the image. `--json` prints the
+//! full outcome for an unambiguous answer.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use quilt::engine::{
+    load_bundle, parse_cpus, parse_duration, parse_size, validate_env_name, ContainerSpec, Engine,
+    EngineConfig, EngineError, NetworkMode, Outcome, OutputFollower, SetupStep, Status,
+};
+
+/// Exit code for a container killed on its timeout.
+pub(crate) const EXIT_TIMED_OUT: u8 = 124;
+/// Exit code for a container whose process the OOM killer killed.
+pub(crate) const EXIT_OOM_KILLED: u8 = 123;
+
+#[derive(Args, Debug)]
+pub(crate) struct RunArgs {
+    /// Run on this machine with the engine directly, without NATS.
+    #[arg(long)]
+    local: bool,
+    /// Root filesystem directory (used read-only; writes go to a private layer).
+    #[arg(long, conflicts_with = "bundle", required_unless_present = "bundle")]
+    rootfs: Option<PathBuf>,
+    /// OCI runtime bundle directory (config.json plus its root).
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// Container id (default: generated).
+    #[arg(long)]
+    name: Option<String>,
+    /// Memory limit, e.g. 256M, 1G.
+    #[arg(long)]
+    memory: Option<String>,
+    /// CPU limit in CPUs, e.g. 0.5.
+    #[arg(long)]
+    cpus: Option<String>,
+    /// Most processes at once.
+    #[arg(long)]
+    pids: Option<String>,
+    /// Wall-clock limit, e.g. 10s, 500ms, 2m.
+    #[arg(long)]
+    timeout: Option<String>,
+    /// Bytes of stdout and of stderr kept, e.g. 1M.
+    #[arg(long)]
+    output_limit: Option<String>,
+    /// Network: none (loopback only) or host.
+    #[arg(long, default_value = "none")]
+    network: String,
+    /// Environment variable K=V (repeatable).
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(long, short = 'w')]
+    workdir: Option<String>,
+    /// UID[:GID] to run as.
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    /// Host name inside the container.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Mount the root read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Feed this file to the command's stdin ("-" for Quilt's own stdin).
+    #[arg(long)]
+    stdin: Option<PathBuf>,
+    /// Print the full outcome as JSON (with the captured output) instead of streaming output.
+    #[arg(long)]
+    json: bool,
+    /// The command and its arguments.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+pub(crate) fn run(data_dir: &Path, args: RunArgs) -> anyhow::Result<u8> {
+    if !args.local {
+        bail!("only `quilt run --local` is available in this version (running through NATS comes with the task pipeline)");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_local(data_dir, args))
+}
+
+fn build_spec(args: &RunArgs) -> anyhow::Result<ContainerSpec> {
+    let id = args.name.clone().unwrap_or_else(generate_id);
+    let mut spec = if let Some(bundle) = &args.bundle {
+        let mut spec = load_bundle(bundle, &id)?;
+        if !args.command.is_empty() {
+            spec.command = args.command.clone();
+        }
+        spec
+    } else {
+        let rootfs = args.rootfs.clone().context("--rootfs or --bundle is required")?;
+        let rootfs = rootfs
+            .canonicalize()
+            .with_context(|| format!("root filesystem {} does not exist", rootfs.display()))?;
+        if args.command.is_empty() {
+            bail!("no command given: quilt run --local --rootfs DIR -- CMD [ARGS...]");
+        }
+        let mut spec = ContainerSpec::new(id, vec![rootfs], args.command.clone());
+        spec.network = args.network.parse()?;
+        spec
+    };
+    if args.bundle.is_some() && args.network != "none" {
+        spec.network = args.network.parse::<NetworkMode>()?;
+    }
+    if let Some(memory) = &args.memory {
+        spec.limits.memory_bytes = parse_size(memory)
+            .with_context(|| format!("invalid --memory {memory:?}: use e.g. 256M or 1G"))?;
+        spec.limits.shm_bytes = spec.limits.shm_bytes.min(spec.limits.memory_bytes);
+    }
+    if let Some(cpus) = &args.cpus {
+        spec.limits.cpu_millis =
+            Some(parse_cpus(cpus).with_context(|| format!("invalid --cpus {cpus:?}: use e.g. 0.5 or 2"))?);
+    }
+    if let Some(pids) = &args.pids {
+        spec.limits.pids =
+            pids.parse().ok().with_context(|| format!("invalid --pids {pids:?}: use a positive number"))?;
+    }
+    if let Some(timeout) = &args.timeout {
+        spec.limits.timeout = Some(
+            parse_duration(timeout)
+                .with_context(|| format!("invalid --timeout {timeout:?}: use e.g. 10s or 500ms"))?,
+        );
+    }
+    if let Some(limit) = &args.output_limit {
+        spec.limits.output_bytes =
+            parse_size(limit).with_context(|| format!("invalid --output-limit {limit:?}: use e.g. 1M"))?;
+    }
+    for entry in &args.env {
+        let (name, value) =
+            entry.split_once('=').with_context(|| format!("invalid --env {entry:?}: use NAME=VALUE"))?;
+        validate_env_name(name)?;
+        spec.env.retain(|(existing, _)| existing != name);
+        spec.env.push((name.to_owned(), value.to_owned()));
+    }
+    if let Some(workdir) = &args.workdir {
+        spec.workdir = workdir.clone();
+    }
+    if let Some(user) = &args.user {
+        let (uid, gid) = match user.split_once(':') {
+            Some((uid, gid)) => (uid, Some(gid)),
+            None => (user.as_str(), None),
+        };
+        spec.user.uid =
+            uid.parse().ok().with_context(|| format!("invalid --user {user:?}: use UID[:GID]"))?;
+        spec.user.gid = match gid {
+            Some(gid) => {
+                gid.parse().ok().with_context(|| format!("invalid --user {user:?}: use UID[:GID]"))?
+            }
+            None => spec.user.uid,
+        };
+    }
+    if let Some(hostname) = &args.hostname {
+        spec.hostname = hostname.clone();
+    }
+    if args.read_only {
+        spec.root.read_only = true;
+    }
+    if let Some(path) = &args.stdin {
+        let bytes = if path.as_os_str() == "-" {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).context("reading stdin")?;
+            bytes
+        } else {
+            std::fs::read(path).with_context(|| format!("reading --stdin {}", path.display()))?
+        };
+        spec.stdin = Some(bytes);
+    }
+    Ok(spec)
+}
+
+fn generate_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("run-{}-{:08x}", std::process::id(), nanos)
+}
+
+async fn run_local(data_dir: &Path, args: RunArgs) -> anyhow::Result<u8> {
+    let spec = build_spec(&args)?;
+    let engine = Engine::new(EngineConfig {
+        state_dir: data_dir.join("containers"),
+        cgroup_parent: "quilt".to_owned(),
+    })
+    .context("starting the container engine")?;
+    let mut container = engine.create(spec)?;
+    if let Err(error) = container.start().await {
+        // Best effort: the start error is the one worth reporting.
+        let _ = container.finish().await;
+        return Ok(report_start_error(&error, args.json));
+    }
+    let mut streams = Vec::new();
+    if !args.json {
+        if let Some(follower) = container.follow_stdout() {
+            streams.push(tokio::spawn(copy_out(follower?, false)));
+        }
+        if let Some(follower) = container.follow_stderr() {
+            streams.push(tokio::spawn(copy_out(follower?, true)));
+        }
+    }
+    let interrupted = tokio::select! {
+        exit = container.wait() => { exit?; None }
+        signal = interrupt() => Some(signal),
+    };
+    if interrupted.is_some() {
+        container.kill_all()?;
+    }
+    let outcome = container.finish().await?;
+    for stream in streams {
+        stream.await.context("output stream")??;
+    }
+    if args.json {
+        print_json(&outcome)?;
+    }
+    if let Some(signal) = interrupted {
+        return Ok(128 + signal as u8);
+    }
+    Ok(exit_code(&outcome))
+}
+
+async fn interrupt() -> i32 {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => libc::SIGINT,
+        _ = term.recv() => libc::SIGTERM,
+    }
+}
+
+async fn copy_out(mut follower: OutputFollower, stderr: bool) -> anyhow::Result<()> {
+    let mut buffer = vec![0u8; 64 * 1024];
+    while let Some(read) = follower.next_chunk(&mut buffer).await? {
+        // A closed terminal or pipe on our side must not fail the container.
+        let _ = if stderr {
+            let mut out = std::io::stderr().lock();
+            out.write_all(&buffer[..read]).and_then(|()| out.flush())
+        } else {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&buffer[..read]).and_then(|()| out.flush())
+        };
+    }
+    Ok(())
+}
+
+/// Map an outcome to the documented exit code.
+pub(crate) fn exit_code(outcome: &Outcome) -> u8 {
+    match outcome.status() {
+        Status::TimedOut => EXIT_TIMED_OUT,
+        Status::OomKilled => EXIT_OOM_KILLED,
+        Status::Succeeded | Status::Failed => match (outcome.exit_code, outcome.signal) {
+            (Some(code), _) => code as u8,
+            (None, Some(signal)) => 128u8.wrapping_add(signal as u8),
+            (None, None) => super::EXIT_QUILT_ERROR,
+        },
+    }
+}
+
+fn report_start_error(error: &EngineError, json: bool) -> u8 {
+    let code = match error {
+        EngineError::Setup { step: SetupStep::CommandNotFound, .. } => 127,
+        EngineError::Setup { step: SetupStep::CommandNotExecutable, .. } => 126,
+        _ => super::EXIT_QUILT_ERROR,
+    };
+    if json {
+        let value = serde_json::json!({
+            "status": "error",
+            "error": { "kind": error.kind(), "message": error.to_string() },
+        });
+        println!("{value}");
+    } else {
+        eprintln!("quilt: {error}");
+    }
+    code
+}
+
+fn print_json(outcome: &Outcome) -> anyhow::Result<()> {
+    let mut value = serde_json::to_value(outcome)?;
+    value["status"] = serde_json::to_value(outcome.status())?;
+    value["stdout"]["text"] = String::from_utf8_lossy(&outcome.stdout.data).into_owned().into();
+    value["stderr"]["text"] = String::from_utf8_lossy(&outcome.stderr.data).into_owned().into();
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}

@@ -1,0 +1,681 @@
+//! The container engine: create, start, wait for, kill and delete isolated,
+//! limited containers, and say exactly how each one ended.
+//!
+//! It owns namespaces, cgroups, the root filesystem mounts, process spawn and
+//! output capture. It knows nothing about NATS, tasks or images: callers hand
+//! it a [`ContainerSpec`] whose root is a list of directories (an image's
+//! unpacked layers, a plain rootfs, an OCI bundle's root) and get an
+//! [`Outcome`] back.
+//!
+//! A container's life: [`Engine::create`] validates the spec, makes its state
+//! directory (`<state>/<id>/`: overlay upper and work directories, the mount
+//! point, the captured output) and its cgroup with the limits set;
+//! [`Container::start`] clones the setup process straight into fresh pid,
+//! mount, uts, ipc, cgroup and (unless `network: host`) net namespaces, which
+//! builds the root and execs the command (see the `child` module for the
+//! exact order); [`Container::wait`] waits on the pidfd and enforces the
+//! wall-clock timeout by killing the whole cgroup; [`Container::finish`]
+//! reads usage and OOM counters from the cgroup, then removes everything.
+//! All mounts live only in the container's own mount namespace, so they
+//! vanish with its last process even if the runtime itself is killed.
+//!
+//! The container's first process is its pid 1: when it exits, the kernel
+//! kills everything else in the pid namespace, daemonised grandchildren
+//! included, so nothing outlives a container.
+
+mod bundle;
+mod capabilities;
+mod cgroup;
+#[allow(unsafe_code)]
+mod child;
+mod output;
+mod seccomp;
+mod spec;
+#[allow(unsafe_code)]
+mod sys;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+use tokio::io::AsyncReadExt;
+use tokio::io::AsyncWriteExt;
+
+pub use bundle::{load_bundle, BundleError};
+pub use capabilities::{Capability, CapabilitySet, DEFAULT_CAPABILITIES};
+pub use cgroup::CgroupVersion;
+pub use child::SetupStep;
+pub use output::{OutputFollower, StreamProgress};
+pub use spec::{
+    default_rlimits, parse_cpus, parse_duration, parse_size, validate_env_name, validate_id, ContainerSpec,
+    Limits, MachineSize, NetworkMode, Rlimit, RootSpec, SpecError, User, MAX_PIDS, MAX_TIMEOUT,
+    MIN_MEMORY_BYTES,
+};
+
+use cgroup::{AttachHandle, CgroupError, CgroupLimits, CgroupRoot, ContainerCgroup};
+use child::{ChildDescriptors, ChildPlan, RootPaths, REPORT_SIZE};
+use output::Capture;
+use seccomp::SeccompError;
+
+/// Failures of the engine, one variant per step. [`EngineError::kind`] gives
+/// a stable name for the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The spec failed validation.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// The bundle could not be read.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// A container with this id exists already.
+    #[error("a container with id {0:?} already exists")]
+    AlreadyExists(String),
+    /// The state directory could not be made or used.
+    #[error("container state directory {path}")]
+    StateDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Control group trouble.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// The seccomp filter could not be built.
+    #[error("building the seccomp filter")]
+    Seccomp(#[source] SeccompError),
+    /// Reading a kernel fact at start-up.
+    #[error("reading {path}")]
+    KernelInfo {
+        /// The file.
+        path: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Creating a pipe.
+    #[error("creating a pipe")]
+    Pipe(#[source] Errno),
+    /// clone3 failed.
+    #[error("creating the container process (clone3)")]
+    Clone(#[source] Errno),
+    /// A setup step in the container's process failed.
+    #[error("{}: {}", step.describe(), errno.desc())]
+    Setup {
+        /// The step.
+        step: SetupStep,
+        /// The errno it failed with.
+        errno: Errno,
+    },
+    /// The setup process vanished without a report.
+    #[error("the container's setup process died before exec ({0})")]
+    SetupLost(String),
+    /// Waiting for the container process.
+    #[error("waiting for the container process")]
+    Wait(#[source] std::io::Error),
+    /// Output capture.
+    #[error("capturing output")]
+    Output(#[source] std::io::Error),
+    /// Signalling the container.
+    #[error("signalling the container")]
+    Kill(#[source] Errno),
+    /// The call does not fit the container's state.
+    #[error("container is {0}")]
+    State(&'static str),
+}
+
+impl EngineError {
+    /// A stable, machine-readable name of the failure.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EngineError::Spec(_) | EngineError::Bundle(_) => "invalid_spec",
+            EngineError::AlreadyExists(_) => "already_exists",
+            EngineError::Setup { step: SetupStep::CommandNotFound, .. } => "command_not_found",
+            EngineError::Setup { step: SetupStep::CommandNotExecutable, .. } => "command_not_executable",
+            EngineError::Setup { step: SetupStep::WorkdirOnProc, .. } => "invalid_spec",
+            EngineError::Setup { step: SetupStep::MountTarget, .. } => "invalid_rootfs",
+            EngineError::Setup { .. } | EngineError::SetupLost(_) => "setup",
+            EngineError::Cgroup(_) => "cgroup",
+            _ => "runtime",
+        }
+    }
+}
+
+/// Where the engine keeps its state and cgroups.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Per-container state directories live under here.
+    pub state_dir: PathBuf,
+    /// Relative cgroup path under which every container's cgroup is made.
+    pub cgroup_parent: String,
+}
+
+struct Shared {
+    config: EngineConfig,
+    cgroups: CgroupRoot,
+    seccomp: seccompiler::BpfProgram,
+    last_capability: u32,
+    machine: MachineSize,
+}
+
+/// The engine: cheap to clone, shareable across tasks.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    /// Detect cgroups, compile the seccomp filter and make the state directory.
+    pub fn new(config: EngineConfig) -> Result<Engine, EngineError> {
+        let cgroups = CgroupRoot::detect(&config.cgroup_parent)?;
+        Engine::with_cgroups(config, cgroups)
+    }
+
+    /// As [`Engine::new`], with the cgroup v2 hierarchy mounted at `mount`
+    /// instead of the detected one (tests of the v2 path on a v1 host).
+    pub fn with_cgroup_v2_at(config: EngineConfig, mount: &Path) -> Result<Engine, EngineError> {
+        let cgroups = CgroupRoot::v2_at(mount, &config.cgroup_parent)?;
+        Engine::with_cgroups(config, cgroups)
+    }
+
+    fn with_cgroups(config: EngineConfig, cgroups: CgroupRoot) -> Result<Engine, EngineError> {
+        let seccomp = seccomp::default_program().map_err(EngineError::Seccomp)?;
+        let last_capability = read_last_capability()?;
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(|source| EngineError::StateDirectory { path: config.state_dir.clone(), source })?;
+        Ok(Engine {
+            shared: Arc::new(Shared {
+                config,
+                cgroups,
+                seccomp,
+                last_capability,
+                machine: MachineSize::detect(),
+            }),
+        })
+    }
+
+    /// The cgroup version in use.
+    pub fn cgroup_version(&self) -> CgroupVersion {
+        self.shared.cgroups.version()
+    }
+
+    /// This machine's size, against which limits are judged.
+    pub fn machine(&self) -> MachineSize {
+        self.shared.machine
+    }
+
+    /// Validate `spec`, then make the container's state directory and cgroup.
+    /// On error nothing is left behind.
+    pub fn create(&self, spec: ContainerSpec) -> Result<Container, EngineError> {
+        let created_at = Instant::now();
+        spec.validate(&self.shared.machine)?;
+        let dir = self.shared.config.state_dir.join(&spec.id);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(EngineError::AlreadyExists(spec.id.clone()));
+            }
+            Err(source) => return Err(EngineError::StateDirectory { path: dir, source }),
+        }
+        let prepared = (|| {
+            for sub in ["rootfs", "upper", "work"] {
+                std::fs::create_dir(dir.join(sub))
+                    .map_err(|source| EngineError::StateDirectory { path: dir.join(sub), source })?;
+            }
+            let limits = CgroupLimits {
+                memory_bytes: Some(spec.limits.memory_bytes),
+                cpu_millis: spec.limits.cpu_millis,
+                pids: Some(spec.limits.pids),
+            };
+            Ok(self.shared.cgroups.create(&spec.id, &limits)?)
+        })();
+        let cgroup = match prepared {
+            Ok(cgroup) => cgroup,
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(error);
+            }
+        };
+        Ok(Container {
+            engine: self.clone(),
+            spec,
+            dir,
+            cgroup: Some(cgroup),
+            process: None,
+            stdout: None,
+            stderr: None,
+            stdin_task: None,
+            exit: None,
+            timed_out: false,
+            created_at,
+            started_at: None,
+            exited_at: None,
+        })
+    }
+
+    /// Create, start, wait and finish in one call.
+    pub async fn run(&self, spec: ContainerSpec) -> Result<Outcome, EngineError> {
+        let mut container = self.create(spec)?;
+        if let Err(error) = container.start().await {
+            let _ = container.finish().await;
+            return Err(error);
+        }
+        container.wait().await?;
+        container.finish().await
+    }
+}
+
+fn read_last_capability() -> Result<u32, EngineError> {
+    const PATH: &str = "/proc/sys/kernel/cap_last_cap";
+    let text =
+        std::fs::read_to_string(PATH).map_err(|source| EngineError::KernelInfo { path: PATH, source })?;
+    text.trim().parse().map_err(|_| EngineError::KernelInfo {
+        path: PATH,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, text.trim().to_owned()),
+    })
+}
+
+struct Process {
+    pid: libc::pid_t,
+    pidfd: AsyncFd<OwnedFd>,
+}
+
+/// How the container's first process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    /// Exited with a code.
+    Exited(i32),
+    /// Killed by a signal.
+    Signaled(i32),
+}
+
+/// A created container. Call [`Container::finish`] to tear it down; dropping
+/// it instead kills its processes but leaves its state directory and cgroup
+/// for the next start-up's cleanup.
+pub struct Container {
+    engine: Engine,
+    spec: ContainerSpec,
+    dir: PathBuf,
+    cgroup: Option<ContainerCgroup>,
+    process: Option<Process>,
+    stdout: Option<Capture>,
+    stderr: Option<Capture>,
+    stdin_task: Option<tokio::task::JoinHandle<()>>,
+    exit: Option<ExitStatus>,
+    timed_out: bool,
+    created_at: Instant,
+    started_at: Option<Instant>,
+    exited_at: Option<Instant>,
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), EngineError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(EngineError::Pipe)
+}
+
+impl Container {
+    /// The container's id.
+    pub fn id(&self) -> &str {
+        &self.spec.id
+    }
+
+    /// The spec it was created from.
+    pub fn spec(&self) -> &ContainerSpec {
+        &self.spec
+    }
+
+    /// The host pid of its first process, once started.
+    pub fn pid(&self) -> Option<i32> {
+        self.process.as_ref().map(|p| p.pid)
+    }
+
+    /// Start the container: returns once the command has been exec'd, or with
+    /// the failed setup step.
+    pub async fn start(&mut self) -> Result<(), EngineError> {
+        if self.process.is_some() {
+            return Err(EngineError::State("already started"));
+        }
+        let cgroup = self.cgroup.as_ref().ok_or(EngineError::State("finished"))?;
+        let (stdin_read, stdin_write) = pipe()?;
+        let (stdout_read, stdout_write) = pipe()?;
+        let (stderr_read, stderr_write) = pipe()?;
+        let (report_read, report_write) = pipe()?;
+        let (tasks, cgroup_dir) = match cgroup.attach_handle()? {
+            AttachHandle::V1 { tasks } => (tasks, None),
+            AttachHandle::V2 { dir } => (Vec::new(), Some(dir)),
+        };
+        let paths = RootPaths {
+            target: &self.dir.join("rootfs"),
+            upper: &self.dir.join("upper"),
+            work: &self.dir.join("work"),
+        };
+        let plan = ChildPlan::prepare(
+            &self.spec,
+            &paths,
+            ChildDescriptors {
+                stdin: stdin_read.as_raw_fd(),
+                stdout: stdout_write.as_raw_fd(),
+                stderr: stderr_write.as_raw_fd(),
+                report: report_write.as_raw_fd(),
+                cgroup_tasks: tasks.iter().map(|fd| fd.as_raw_fd()).collect(),
+            },
+            seccomp::sock_fprog(&self.engine.shared.seccomp).map_err(EngineError::Seccomp)?,
+            self.engine.shared.last_capability,
+        );
+        let mut namespaces = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+        if self.spec.network == NetworkMode::None {
+            namespaces |= libc::CLONE_NEWNET;
+        }
+        let start = Instant::now();
+        let spawned = child::spawn(&plan, namespaces as u64, cgroup_dir.as_ref().map(|dir| dir.as_raw_fd()))
+            .map_err(EngineError::Clone)?;
+        drop(plan);
+        drop((stdin_read, stdout_write, stderr_write, report_write, tasks, cgroup_dir));
+        self.started_at = Some(start);
+        self.process = Some(Process {
+            pid: spawned.pid,
+            pidfd: sys::register_pidfd(spawned.pidfd).map_err(EngineError::Wait)?,
+        });
+
+        let cap = self.spec.limits.output_bytes;
+        self.stdout =
+            Some(Capture::start(stdout_read, &self.dir.join("stdout"), cap).map_err(EngineError::Output)?);
+        self.stderr =
+            Some(Capture::start(stderr_read, &self.dir.join("stderr"), cap).map_err(EngineError::Output)?);
+        if let Some(bytes) = self.spec.stdin.clone() {
+            let mut sender =
+                tokio::net::unix::pipe::Sender::from_owned_fd(stdin_write).map_err(EngineError::Output)?;
+            self.stdin_task = Some(tokio::spawn(async move {
+                // A container that exits without reading its input is not an error.
+                let _ = sender.write_all(&bytes).await;
+            }));
+        } else {
+            drop(stdin_write);
+        }
+
+        let mut report =
+            tokio::net::unix::pipe::Receiver::from_owned_fd(report_read).map_err(EngineError::Wait)?;
+        let mut buffer = [0u8; REPORT_SIZE];
+        let mut filled = 0;
+        while filled < REPORT_SIZE {
+            let read = report.read(&mut buffer[filled..]).await.map_err(EngineError::Wait)?;
+            if read == 0 {
+                break;
+            }
+            filled += read;
+        }
+        match filled {
+            0 => Ok(()),
+            REPORT_SIZE => {
+                let code = u32::from_ne_bytes([buffer[0], buffer[1], buffer[2], buffer[3]]);
+                let errno = i32::from_ne_bytes([buffer[4], buffer[5], buffer[6], buffer[7]]);
+                self.wait_exit().await?;
+                match SetupStep::from_code(code) {
+                    Some(step) => Err(EngineError::Setup { step, errno: Errno::from_raw(errno) }),
+                    None => Err(EngineError::SetupLost(format!("unknown step {code}"))),
+                }
+            }
+            partial => {
+                self.wait_exit().await?;
+                Err(EngineError::SetupLost(format!("short report of {partial} bytes")))
+            }
+        }
+    }
+
+    /// Wait for the container's first process to exit, killing the whole
+    /// container when the spec's timeout passes first.
+    pub async fn wait(&mut self) -> Result<ExitStatus, EngineError> {
+        if let Some(exit) = self.exit {
+            return Ok(exit);
+        }
+        let (Some(started), Some(_)) = (self.started_at, self.process.as_ref()) else {
+            return Err(EngineError::State("not started"));
+        };
+        let deadline =
+            self.spec.limits.timeout.map(|timeout| tokio::time::Instant::from_std(started + timeout));
+        if let Some(deadline) = deadline {
+            tokio::select! {
+                exit = self.wait_exit() => return exit,
+                () = tokio::time::sleep_until(deadline) => {
+                    self.timed_out = true;
+                    self.kill_all()?;
+                }
+            }
+        }
+        self.wait_exit().await
+    }
+
+    async fn wait_exit(&mut self) -> Result<ExitStatus, EngineError> {
+        if let Some(exit) = self.exit {
+            return Ok(exit);
+        }
+        let process = self.process.as_ref().ok_or(EngineError::State("not started"))?;
+        loop {
+            let mut guard = process.pidfd.readable().await.map_err(EngineError::Wait)?;
+            match sys::wait_pidfd_nohang(process.pidfd.get_ref().as_raw_fd()) {
+                Ok(Some(exit)) => {
+                    let status = match exit {
+                        sys::ChildExit::Exited(code) => ExitStatus::Exited(code),
+                        sys::ChildExit::Signaled(signal) => ExitStatus::Signaled(signal),
+                    };
+                    self.exit = Some(status);
+                    self.exited_at = Some(Instant::now());
+                    return Ok(status);
+                }
+                Ok(None) => guard.clear_ready(),
+                Err(errno) => return Err(EngineError::Wait(std::io::Error::from(errno))),
+            }
+        }
+    }
+
+    /// Send `signal` to the container's first process.
+    pub fn signal(&self, signal: i32) -> Result<(), EngineError> {
+        let process = self.process.as_ref().ok_or(EngineError::State("not started"))?;
+        match sys::pidfd_send_signal(process.pidfd.get_ref().as_raw_fd(), signal) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Err(errno) => Err(EngineError::Kill(errno)),
+        }
+    }
+
+    /// SIGKILL every process of the container: its pid 1 (the kernel then
+    /// kills the rest of the pid namespace) and everything in its cgroup.
+    pub fn kill_all(&self) -> Result<(), EngineError> {
+        if self.process.is_some() && self.exit.is_none() {
+            self.signal(libc::SIGKILL)?;
+        }
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.kill_all()?;
+        }
+        Ok(())
+    }
+
+    /// Follow the container's stdout as it is produced.
+    pub fn follow_stdout(&self) -> Option<std::io::Result<OutputFollower>> {
+        self.stdout.as_ref().map(Capture::follow)
+    }
+
+    /// Follow the container's stderr as it is produced.
+    pub fn follow_stderr(&self) -> Option<std::io::Result<OutputFollower>> {
+        self.stderr.as_ref().map(Capture::follow)
+    }
+
+    /// Tear the container down: stop it if it still runs, collect its output,
+    /// usage and OOM counters, then remove its cgroup and state directory.
+    pub async fn finish(mut self) -> Result<Outcome, EngineError> {
+        if self.process.is_some() && self.exit.is_none() {
+            self.kill_all()?;
+            self.wait_exit().await?;
+        }
+        let teardown_start = Instant::now();
+        if let Some(task) = self.stdin_task.take() {
+            task.abort();
+        }
+        let stdout = finish_stream(self.stdout.take()).await;
+        let stderr = finish_stream(self.stderr.take()).await;
+        let mut usage = Usage::default();
+        let mut oom_killed = false;
+        let mut pids_limit_hit = false;
+        if let Some(cgroup) = self.cgroup.take() {
+            let counters = cgroup.usage();
+            usage.cpu_ns = counters.cpu_ns;
+            usage.peak_memory_bytes = counters.peak_memory_bytes;
+            oom_killed = counters.oom_kills.unwrap_or(0) > 0;
+            pids_limit_hit = counters.pids_limit_hit.unwrap_or(0) > 0;
+            cgroup.delete()?;
+        }
+        std::fs::remove_dir_all(&self.dir)
+            .map_err(|source| EngineError::StateDirectory { path: self.dir.clone(), source })?;
+        let finished = Instant::now();
+        let started = self.started_at.unwrap_or(finished);
+        let exited = self.exited_at.unwrap_or(teardown_start);
+        let (exit_code, signal) = match self.exit {
+            Some(ExitStatus::Exited(code)) => (Some(code), None),
+            Some(ExitStatus::Signaled(signal)) => (None, Some(signal)),
+            None => (None, None),
+        };
+        Ok(Outcome {
+            container_id: self.spec.id.clone(),
+            exit_code,
+            signal,
+            oom_killed,
+            timed_out: self.timed_out,
+            pids_limit_hit,
+            timings: Timings {
+                setup_ms: millis(started.saturating_duration_since(self.created_at)),
+                run_ms: millis(exited.saturating_duration_since(started)),
+                teardown_ms: millis(finished.saturating_duration_since(exited)),
+                total_ms: millis(finished.saturating_duration_since(self.created_at)),
+            },
+            usage,
+            stdout: stdout?,
+            stderr: stderr?,
+        })
+    }
+}
+
+async fn finish_stream(capture: Option<Capture>) -> Result<StreamOutcome, EngineError> {
+    let Some(mut capture) = capture else {
+        return Ok(StreamOutcome::default());
+    };
+    // Every writer is dead once pid 1 is; the bound only guards against a
+    // descriptor briefly held by a sibling container's setup process.
+    let progress = match tokio::time::timeout(Duration::from_secs(5), capture.finish()).await {
+        Ok(result) => result.map_err(EngineError::Output)?,
+        Err(_) => {
+            capture.abort();
+            return Err(EngineError::Output(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "output pipe still open 5 s after the container exited",
+            )));
+        }
+    };
+    let data = capture.read_captured().map_err(EngineError::Output)?;
+    Ok(StreamOutcome { bytes: progress.produced, truncated: progress.truncated(), data })
+}
+
+fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 1e6).round() / 1e3
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        // finish() consumed the cgroup; anything still here means the caller
+        // gave up on the container, which must not keep running unaccounted.
+        if self.cgroup.is_some() && self.exit.is_none() {
+            let _ = self.kill_all();
+        }
+    }
+}
+
+/// Wall-clock timings in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Timings {
+    /// From create to the command's exec.
+    pub setup_ms: f64,
+    /// From exec to the exit of pid 1.
+    pub run_ms: f64,
+    /// From exit to everything removed.
+    pub teardown_ms: f64,
+    /// All of it.
+    pub total_ms: f64,
+}
+
+/// Resource usage read from the cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// CPU time of all processes, nanoseconds.
+    pub cpu_ns: Option<u64>,
+    /// Peak memory, bytes.
+    pub peak_memory_bytes: Option<u64>,
+}
+
+/// One captured stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StreamOutcome {
+    /// Bytes the container wrote in all.
+    pub bytes: u64,
+    /// More was written than the cap kept.
+    pub truncated: bool,
+    /// The kept bytes (at most the output cap).
+    #[serde(skip)]
+    pub data: Vec<u8>,
+}
+
+/// How a container ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Outcome {
+    /// The container's id.
+    pub container_id: String,
+    /// Exit code of pid 1, when it exited.
+    pub exit_code: Option<i32>,
+    /// Signal that killed pid 1, when one did.
+    pub signal: Option<i32>,
+    /// The kernel's OOM killer killed a process of the container.
+    pub oom_killed: bool,
+    /// The wall-clock timeout passed and the container was killed.
+    pub timed_out: bool,
+    /// A fork failed on the pids limit.
+    pub pids_limit_hit: bool,
+    /// Timings.
+    pub timings: Timings,
+    /// Resource usage.
+    pub usage: Usage,
+    /// Standard output.
+    pub stdout: StreamOutcome,
+    /// Standard error.
+    pub stderr: StreamOutcome,
+}
+
+/// The outcome as one word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Exit code 0.
+    Succeeded,
+    /// Non-zero exit or a signal.
+    Failed,
+    /// Killed on the wall-clock timeout.
+    TimedOut,
+    /// Killed by the OOM killer.
+    OomKilled,
+}
+
+impl Outcome {
+    /// Timeout first (the kill it causes is ours), then OOM, then the exit.
+    pub fn status(&self) -> Status {
+        if self.timed_out {
+            Status::TimedOut
+        } else if self.oom_killed {
+            Status::OomKilled
+        } else if self.exit_code == Some(0) {
+            Status::Succeeded
+        } else {
+            Status::Failed
+        }
+    }
+}

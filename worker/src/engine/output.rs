@@ -1,0 +1,143 @@
+//! Output capture: a container's stdout and stderr go into pipes the runtime
+//! drains into files, so a slow consumer never blocks the container.
+//!
+//! The pump keeps the first `cap` bytes of each stream in its file and
+//! counts and drops the rest (the result says `truncated`), through one fixed
+//! buffer, so a flood costs CPU but never runtime memory. Consumers that want
+//! the output live ([`OutputFollower`]) read the file behind the pump at their
+//! own pace; the pump announces progress on a `watch` channel and never waits
+//! for them.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+const BUFFER_SIZE: usize = 64 * 1024;
+
+/// How far a stream has got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamProgress {
+    /// Bytes kept in the file.
+    pub captured: u64,
+    /// Bytes the container wrote in all.
+    pub produced: u64,
+    /// The container's end of the pipe is closed: no more will come.
+    pub closed: bool,
+}
+
+impl StreamProgress {
+    /// More was produced than kept.
+    pub fn truncated(&self) -> bool {
+        self.produced > self.captured
+    }
+}
+
+/// The running pump of one stream.
+pub(super) struct Capture {
+    path: PathBuf,
+    progress: watch::Receiver<StreamProgress>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<StreamProgress>>>,
+}
+
+impl Capture {
+    /// Start draining `pipe` into a new file at `path`, keeping `cap` bytes.
+    pub(super) fn start(pipe: OwnedFd, path: &Path, cap: u64) -> std::io::Result<Capture> {
+        let file = File::options().write(true).create_new(true).open(path)?;
+        let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(pipe)?;
+        let (sender, progress) = watch::channel(StreamProgress::default());
+        let task = tokio::spawn(pump(receiver, file, cap, sender));
+        Ok(Capture { path: path.to_owned(), progress, task: Some(task) })
+    }
+
+    /// A reader of this stream from its first byte.
+    pub(super) fn follow(&self) -> std::io::Result<OutputFollower> {
+        Ok(OutputFollower { file: File::open(&self.path)?, offset: 0, progress: self.progress.clone() })
+    }
+
+    /// Wait for the container's end of the pipe to close and the pump to finish.
+    pub(super) async fn finish(&mut self) -> std::io::Result<StreamProgress> {
+        match self.task.take() {
+            Some(task) => task.await.map_err(std::io::Error::other)?,
+            None => Ok(*self.progress.borrow()),
+        }
+    }
+
+    /// Stop pumping now (teardown after a failed start).
+    pub(super) fn abort(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Read what was kept, at most `cap` bytes.
+    pub(super) fn read_captured(&self) -> std::io::Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        File::open(&self.path)?.read_to_end(&mut bytes)?;
+        Ok(bytes)
+    }
+}
+
+async fn pump(
+    mut pipe: tokio::net::unix::pipe::Receiver,
+    mut file: File,
+    cap: u64,
+    progress: watch::Sender<StreamProgress>,
+) -> std::io::Result<StreamProgress> {
+    let mut buffer = vec![0u8; BUFFER_SIZE];
+    let mut state = StreamProgress::default();
+    loop {
+        let read = pipe.read(&mut buffer).await?;
+        if read == 0 {
+            break;
+        }
+        let keep = (cap - state.captured).min(read as u64) as usize;
+        if keep > 0 {
+            // A page-cache write; cheap enough not to need a blocking thread.
+            file.write_all(&buffer[..keep])?;
+            state.captured += keep as u64;
+        }
+        state.produced += read as u64;
+        progress.send_replace(state);
+    }
+    state.closed = true;
+    progress.send_replace(state);
+    Ok(state)
+}
+
+/// Reads a stream's captured bytes as they arrive, at its own pace.
+pub struct OutputFollower {
+    file: File,
+    offset: u64,
+    progress: watch::Receiver<StreamProgress>,
+}
+
+impl OutputFollower {
+    /// The next chunk (at most `buffer.len()` bytes), or `None` once the
+    /// stream is closed and everything kept has been read.
+    pub async fn next_chunk(&mut self, buffer: &mut [u8]) -> std::io::Result<Option<usize>> {
+        loop {
+            let state = *self.progress.borrow_and_update();
+            if self.offset < state.captured {
+                let want = ((state.captured - self.offset) as usize).min(buffer.len());
+                self.file.seek(SeekFrom::Start(self.offset))?;
+                let read = self.file.read(&mut buffer[..want])?;
+                self.offset += read as u64;
+                return Ok(Some(read));
+            }
+            if state.closed {
+                return Ok(None);
+            }
+            if self.progress.changed().await.is_err() {
+                // The pump ended; one last look at what it left.
+                let state = *self.progress.borrow();
+                if self.offset >= state.captured {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}

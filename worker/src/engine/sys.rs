@@ -1,0 +1,357 @@
+//! Thin wrappers over the Linux system calls the engine needs and that
+//! neither libc nor nix wraps: clone3, openat2, the new mount API (fsopen,
+//! fsconfig, fsmount, open_tree, move_mount, mount_setattr), pidfd calls,
+//! capset and close_range.
+//!
+//! Every wrapper here is async-signal-safe: it allocates nothing, takes no
+//! lock and logs nothing, because most of them run in the container's setup
+//! process right after clone from a multi-threaded parent (STYLE.md rule 4).
+//! Structures are declared here rather than taken from libc because libc's
+//! coverage of these newer interfaces differs between targets.
+
+use std::ffi::CStr;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+
+/// `struct clone_args` (include/uapi/linux/sched.h), version 2 (with cgroup).
+#[repr(C)]
+#[derive(Default)]
+pub(super) struct CloneArgs {
+    pub(super) flags: u64,
+    pub(super) pidfd: u64,
+    pub(super) child_tid: u64,
+    pub(super) parent_tid: u64,
+    pub(super) exit_signal: u64,
+    pub(super) stack: u64,
+    pub(super) stack_size: u64,
+    pub(super) tls: u64,
+    pub(super) set_tid: u64,
+    pub(super) set_tid_size: u64,
+    pub(super) cgroup: u64,
+}
+
+/// `CLONE_PIDFD`.
+pub(super) const CLONE_PIDFD: u64 = 0x1000;
+/// `CLONE_INTO_CGROUP`.
+pub(super) const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `struct open_how` (include/uapi/linux/openat2.h).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Resolve every path component inside the directory, as if it were `/`.
+pub(super) const RESOLVE_IN_ROOT: u64 = 0x10;
+/// Refuse symbolic links anywhere in the path.
+pub(super) const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+/// Refuse /proc "magic links".
+pub(super) const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+
+const FSCONFIG_SET_STRING: u32 = 1;
+const FSCONFIG_CMD_CREATE: u32 = 6;
+const FSOPEN_CLOEXEC: u32 = 1;
+const FSMOUNT_CLOEXEC: u32 = 1;
+/// `OPEN_TREE_CLONE`.
+pub(super) const OPEN_TREE_CLONE: u32 = 1;
+const OPEN_TREE_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
+const MOVE_MOUNT_F_EMPTY_PATH: u32 = 0x04;
+const MOVE_MOUNT_T_EMPTY_PATH: u32 = 0x40;
+
+/// `MOUNT_ATTR_RDONLY`.
+pub(super) const MOUNT_ATTR_RDONLY: u64 = 0x01;
+/// `MOUNT_ATTR_NOSUID`.
+pub(super) const MOUNT_ATTR_NOSUID: u64 = 0x02;
+/// `MOUNT_ATTR_NODEV`.
+pub(super) const MOUNT_ATTR_NODEV: u64 = 0x04;
+/// `MOUNT_ATTR_NOEXEC`.
+pub(super) const MOUNT_ATTR_NOEXEC: u64 = 0x08;
+
+/// `struct mount_attr`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// `CLOSE_RANGE_CLOEXEC`.
+pub(super) const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+
+fn check(result: libc::c_long) -> Result<libc::c_long, Errno> {
+    if result < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(result)
+    }
+}
+
+fn owned(result: libc::c_long) -> Result<OwnedFd, Errno> {
+    let fd = check(result)? as RawFd;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// clone3(2) without CLONE_VM: fork semantics, the child continues on a copy
+/// of the caller's stack. Returns 0 in the child and the child's pid in the parent.
+///
+/// # Safety
+/// In a multi-threaded caller the child may only make async-signal-safe calls
+/// until it execs or exits; everything it touches must be prepared before.
+pub(super) unsafe fn clone3(args: &mut CloneArgs) -> Result<libc::pid_t, Errno> {
+    // SAFETY: `args` is a valid, correctly sized clone_args; without CLONE_VM
+    // the child gets its own copy of the address space (the caller's contract
+    // covers what the child may do with it).
+    let result =
+        unsafe { libc::syscall(libc::SYS_clone3, args as *mut CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    check(result).map(|pid| pid as libc::pid_t)
+}
+
+/// openat2(2).
+pub(super) fn openat2(dirfd: RawFd, path: &CStr, flags: i32, resolve: u64) -> Result<OwnedFd, Errno> {
+    let how = OpenHow { flags: (flags | libc::O_CLOEXEC) as u64, mode: 0, resolve };
+    // SAFETY: path is NUL-terminated; how is a valid open_how of the size passed.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dirfd,
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    owned(result)
+}
+
+/// fsopen(2): a new, unmounted filesystem context.
+pub(super) fn fsopen(fstype: &CStr) -> Result<OwnedFd, Errno> {
+    // SAFETY: fstype is NUL-terminated.
+    owned(unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) })
+}
+
+/// fsconfig(FSCONFIG_SET_STRING).
+pub(super) fn fsconfig_string(fs: RawFd, key: &CStr, value: &CStr) -> Result<(), Errno> {
+    // SAFETY: key and value are NUL-terminated; aux must be 0 for this command.
+    check(unsafe {
+        libc::syscall(libc::SYS_fsconfig, fs, FSCONFIG_SET_STRING, key.as_ptr(), value.as_ptr(), 0)
+    })
+    .map(drop)
+}
+
+/// fsconfig(FSCONFIG_CMD_CREATE): create the superblock.
+pub(super) fn fsconfig_create(fs: RawFd) -> Result<(), Errno> {
+    // SAFETY: key and value must be NULL and aux 0 for this command.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs,
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<u8>(),
+            std::ptr::null::<u8>(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// fsmount(2): a detached mount of a created superblock, with mount attributes.
+pub(super) fn fsmount(fs: RawFd, attributes: u64) -> Result<OwnedFd, Errno> {
+    // SAFETY: plain integer arguments.
+    owned(unsafe { libc::syscall(libc::SYS_fsmount, fs, FSMOUNT_CLOEXEC, attributes) })
+}
+
+/// open_tree(2) on a descriptor (AT_EMPTY_PATH) or a path relative to `dirfd`.
+pub(super) fn open_tree(dirfd: RawFd, path: &CStr, flags: u32) -> Result<OwnedFd, Errno> {
+    // SAFETY: path is NUL-terminated.
+    owned(unsafe { libc::syscall(libc::SYS_open_tree, dirfd, path.as_ptr(), flags | OPEN_TREE_CLOEXEC) })
+}
+
+/// move_mount(2) of a detached mount onto the directory or file `target` refers to.
+pub(super) fn move_mount_fd(mount: RawFd, target: RawFd) -> Result<(), Errno> {
+    // SAFETY: both paths are the empty C string, used with the *_EMPTY_PATH flags.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mount,
+            c"".as_ptr(),
+            target,
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    })
+    .map(drop)
+}
+
+/// move_mount(2) of a detached mount onto a path (used for the root mount,
+/// whose target is a trusted runtime-owned directory).
+pub(super) fn move_mount_path(mount: RawFd, target: &CStr) -> Result<(), Errno> {
+    // SAFETY: both paths are NUL-terminated.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mount,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    })
+    .map(drop)
+}
+
+/// mount_setattr(2) on the mount a descriptor or path refers to.
+pub(super) fn mount_setattr(dirfd: RawFd, path: &CStr, flags: i32, set: u64) -> Result<(), Errno> {
+    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    // SAFETY: path is NUL-terminated; attr is a valid mount_attr of the size passed.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            dirfd,
+            path.as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })
+    .map(drop)
+}
+
+/// pidfd_send_signal(2).
+pub(super) fn pidfd_send_signal(pidfd: RawFd, signal: i32) -> Result<(), Errno> {
+    // SAFETY: info NULL means "as kill(2) would"; flags must be 0.
+    check(unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd, signal, std::ptr::null::<u8>(), 0) })
+        .map(drop)
+}
+
+/// What waitid reported for a child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ChildExit {
+    /// Exited with this code.
+    Exited(i32),
+    /// Killed by this signal.
+    Signaled(i32),
+}
+
+/// waitid(P_PIDFD, WEXITED | WNOHANG): `None` while the child still runs.
+pub(super) fn wait_pidfd_nohang(pidfd: RawFd) -> Result<Option<ChildExit>, Errno> {
+    // SAFETY: an all-zero siginfo_t is a valid value to be filled in.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: info is a valid out-pointer; the rusage pointer may be NULL.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_waitid,
+            libc::P_PIDFD,
+            pidfd,
+            &mut info as *mut libc::siginfo_t,
+            libc::WEXITED | libc::WNOHANG,
+            std::ptr::null::<libc::rusage>(),
+        )
+    })?;
+    // SAFETY: waitid filled in the SIGCHLD fields of the union (or left the pid 0).
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(match info.si_code {
+        libc::CLD_EXITED => ChildExit::Exited(status),
+        _ => ChildExit::Signaled(status),
+    }))
+}
+
+/// Capability sets for capset(2).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapUserData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+#[repr(C)]
+struct CapUserHeader {
+    version: u32,
+    pid: i32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// capset(2) for the calling thread, 64-bit masks.
+pub(super) fn capset(effective: u64, permitted: u64, inheritable: u64) -> Result<(), Errno> {
+    let header = CapUserHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let data = [
+        CapUserData {
+            effective: effective as u32,
+            permitted: permitted as u32,
+            inheritable: inheritable as u32,
+        },
+        CapUserData {
+            effective: (effective >> 32) as u32,
+            permitted: (permitted >> 32) as u32,
+            inheritable: (inheritable >> 32) as u32,
+        },
+    ];
+    // SAFETY: header and the two-element data array are what version 3 expects.
+    check(unsafe { libc::syscall(libc::SYS_capset, &header as *const CapUserHeader, data.as_ptr()) })
+        .map(drop)
+}
+
+/// close_range(2).
+pub(super) fn close_range(first: u32, last: u32, flags: u32) -> Result<(), Errno> {
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) }).map(drop)
+}
+
+/// `struct ifreq` as far as SIOCGIFFLAGS/SIOCSIFFLAGS use it.
+#[repr(C)]
+struct InterfaceFlagsRequest {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _padding: [u8; 22],
+}
+
+/// Bring the loopback interface of the current network namespace up.
+pub(super) fn loopback_up() -> Result<(), Errno> {
+    // SAFETY: plain integer arguments.
+    let socket = owned(unsafe {
+        libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) as libc::c_long
+    })?;
+    let mut request = InterfaceFlagsRequest { name: [0; libc::IFNAMSIZ], flags: 0, _padding: [0; 22] };
+    request.name[..2].copy_from_slice(b"lo");
+    use std::os::fd::AsRawFd;
+    // SAFETY: request is a valid ifreq-sized buffer for these two ioctls.
+    unsafe {
+        check(libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) as libc::c_long)?;
+        request.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        check(libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) as libc::c_long)?;
+    }
+    Ok(())
+}
+
+/// Write all of `bytes` to a raw descriptor, retrying on EINTR.
+pub(super) fn write_all_raw(fd: RawFd, mut bytes: &[u8]) -> Result<(), Errno> {
+    while !bytes.is_empty() {
+        // SAFETY: bytes is a valid buffer of the given length.
+        let written = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        if written < 0 {
+            let errno = Errno::last();
+            if errno == Errno::EINTR {
+                continue;
+            }
+            return Err(errno);
+        }
+        bytes = &bytes[written as usize..];
+    }
+    Ok(())
+}
+
+/// Register a pidfd with tokio's reactor to await the child's exit.
+pub(super) fn register_pidfd(pidfd: OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the OwnedFd is a valid descriptor that the AsyncFd owns from
+    // here on; nothing else closes or replaces it while it is registered.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
+}

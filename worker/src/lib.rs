@@ -1,0 +1,14 @@
+//! Quilt: a lightweight container runtime and task orchestrator for AI agent
+//! workloads. Agents publish tasks to NATS; Quilt workers run each in an
+//! isolated, limited container and publish the result.
+//!
+//! This crate is the whole runtime; the `quilt` binary is a thin command line
+//! over it. Components (see DESIGN.md in the project's shared docs):
+//!
+//! - [`engine`]: containers: namespaces, cgroups, rootfs, process spawn, wait, kill.
+//!
+//! `unsafe` lives only in the engine's syscall layer.
+
+#![deny(unsafe_code)]
+
+pub mod engine;
