@@ -35,7 +35,12 @@ fn run_args<'a>(id: &'a str, rootfs: &'a str, flags: &[&'a str], command: &[&'a 
 #[test]
 fn missing_rootfs() {
     let data = TestDir::new("bad-rootfs");
-    assert_clear_error(&data, "bad-rootfs", &run_args("bad-rootfs", "/nonexistent/rootfs", &[], &["/bin/true"]), "does not exist");
+    assert_clear_error(
+        &data,
+        "bad-rootfs",
+        &run_args("bad-rootfs", "/nonexistent/rootfs", &[], &["/bin/true"]),
+        "does not exist",
+    );
 }
 
 #[test]
@@ -71,7 +76,12 @@ fn bad_limits() {
         (&["--network", "bridge"], "invalid network mode"),
     ];
     for (flags, expect) in cases {
-        assert_clear_error(&data, "bad-limits", &run_args("bad-limits", rootfs, flags, &["/bin/true"]), expect);
+        assert_clear_error(
+            &data,
+            "bad-limits",
+            &run_args("bad-limits", rootfs, flags, &["/bin/true"]),
+            expect,
+        );
     }
 }
 
@@ -85,11 +95,16 @@ fn bad_workdir_and_env() {
         (&["--workdir", "relative"], "invalid workdir"),
         (&["--env", "=x"], "invalid environment variable name"),
         (&["--env", "NOVALUE"], "invalid --env"),
-        (&["--name", "../escape"], "invalid container id"),
     ];
     for (flags, expect) in cases {
         assert_clear_error(&data, "bad-wd", &run_args("bad-wd", rootfs, flags, &["/bin/true"]), expect);
     }
+    assert_clear_error(
+        &data,
+        "escape",
+        &run_args("../escape", rootfs, &[], &["/bin/true"]),
+        "invalid container id",
+    );
 }
 
 /// A tiny rootfs with busybox and a hostile twist.
@@ -105,8 +120,10 @@ fn workdir_symlink_onto_proc_is_refused() {
     let data = TestDir::new("bad-wdlink");
     let rootfs = data.path.join("rootfs");
     hostile_rootfs(&rootfs, |dir| std::os::unix::fs::symlink("/proc/self", dir.join("work")).unwrap());
-    let (code, stderr) =
-        quilt(&data, &run_args("bad-wdlink", rootfs.to_str().unwrap(), &["--workdir", "/work"], &["/bin/sh", "-c", "pwd"]));
+    let (code, stderr) = quilt(
+        &data,
+        &run_args("bad-wdlink", rootfs.to_str().unwrap(), &["--workdir", "/work"], &["/bin/sh", "-c", "pwd"]),
+    );
     assert_eq!(code, 125, "{stderr}");
     assert!(stderr.contains("resolves onto /proc"), "{stderr}");
     assert_nothing_left(&data, "quilt", "bad-wdlink");
@@ -119,7 +136,8 @@ fn image_with_proc_or_dev_as_symlink_to_the_host_is_refused() {
         let rootfs = data.path.join("rootfs");
         hostile_rootfs(&rootfs, |dir| std::os::unix::fs::symlink(target, dir.join(name)).unwrap());
         let id = format!("bad-link-{name}");
-        let (code, stderr) = quilt(&data, &run_args(&id, rootfs.to_str().unwrap(), &[], &["/bin/sh", "-c", "true"]));
+        let (code, stderr) =
+            quilt(&data, &run_args(&id, rootfs.to_str().unwrap(), &[], &["/bin/sh", "-c", "true"]));
         assert_eq!(code, 125, "{stderr}");
         assert!(stderr.contains("symlink"), "{stderr}");
         assert_nothing_left(&data, "quilt", &id);
@@ -135,7 +153,8 @@ fn malformed_bundle() {
     let bundle = data.path.join("bundle");
     std::fs::create_dir_all(&bundle).unwrap();
     std::fs::write(bundle.join("config.json"), "{\"process\": [").unwrap();
-    let (code, stderr) = quilt(&data, &["run", "--local", "--name", "bad-bundle", "--bundle", bundle.to_str().unwrap()]);
+    let (code, stderr) =
+        quilt(&data, &["run", "--local", "--name", "bad-bundle", "--bundle", bundle.to_str().unwrap()]);
     assert_eq!(code, 125);
     assert!(stderr.contains("config.json"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
@@ -144,7 +163,8 @@ fn malformed_bundle() {
         r#"{"ociVersion":"1.0.2","root":{"path":"/nonexistent"},"process":{"cwd":"/","args":["/bin/true"],"env":["BAD\u0000NAME=1"],"user":{"uid":0,"gid":0}}}"#,
     )
     .unwrap();
-    let (code, stderr) = quilt(&data, &["run", "--local", "--name", "bad-bundle", "--bundle", bundle.to_str().unwrap()]);
+    let (code, stderr) =
+        quilt(&data, &["run", "--local", "--name", "bad-bundle", "--bundle", bundle.to_str().unwrap()]);
     assert_eq!(code, 125);
     assert!(stderr.contains("environment variable name") || stderr.contains("does not exist"), "{stderr}");
     assert_nothing_left(&data, "quilt", "bad-bundle");

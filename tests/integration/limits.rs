@@ -2,7 +2,9 @@
 
 use std::process::Command;
 
-use quilt_tests::{assert_nothing_left, busybox_rootfs, processes_matching, quilt_binary, quilt_run_json, TestDir};
+use quilt_tests::{
+    assert_nothing_left, busybox_rootfs, processes_matching, quilt_binary, quilt_run_json, TestDir,
+};
 
 #[test]
 fn fork_bomb_stops_at_the_pids_limit() {
@@ -77,7 +79,8 @@ fn cpu_quota_throttles() {
 
 /// Peak RSS of a child, from wait4's rusage.
 fn run_measuring_peak_rss(command: &mut Command) -> (i32, u64) {
-    let child = command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let child =
+        command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid out-buffer.
@@ -109,7 +112,8 @@ fn output_flood_is_truncated_and_runtime_memory_stays_flat() {
         flood_rss < baseline_rss + (8 << 20),
         "runtime RSS grew from {baseline_rss} to {flood_rss} bytes under an output flood"
     );
-    let (_, outcome) = quilt_run_json(&data, "lim-yes-json", &["--output-limit", "64k", "--timeout", "1s"], &["/bin/yes"]);
+    let (_, outcome) =
+        quilt_run_json(&data, "lim-yes-json", &["--output-limit", "64k", "--timeout", "1s"], &["/bin/yes"]);
     assert_eq!(outcome["stdout"]["truncated"], true, "{}", outcome["stdout"]["bytes"]);
     assert_eq!(outcome["stdout"]["text"].as_str().unwrap().len(), 64 * 1024);
     assert!(outcome["stdout"]["bytes"].as_u64().unwrap() > 64 * 1024);

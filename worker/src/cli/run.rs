@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use quilt::engine::{
     load_bundle, parse_cpus, parse_duration, parse_size, validate_env_name, ContainerSpec, Engine,
-    EngineConfig, EngineError, NetworkMode, Outcome, OutputFollower, SetupStep, Status,
+    EngineConfig, EngineError, NetworkMode, Outcome, OutputFollower, SetupStep, Status, UnavailableLimits,
 };
 
 /// Exit code for a container killed on its timeout.
@@ -37,19 +37,19 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     name: Option<String>,
     /// Memory limit, e.g. 256M, 1G.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     memory: Option<String>,
     /// CPU limit in CPUs, e.g. 0.5.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     cpus: Option<String>,
     /// Most processes at once.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pids: Option<String>,
     /// Wall-clock limit, e.g. 10s, 500ms, 2m.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     timeout: Option<String>,
     /// Bytes of stdout and of stderr kept, e.g. 1M.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     output_limit: Option<String>,
     /// Network: none (loopback only) or host.
     #[arg(long, default_value = "none")]
@@ -193,6 +193,7 @@ async fn run_local(data_dir: &Path, args: RunArgs) -> anyhow::Result<u8> {
     let engine = Engine::new(EngineConfig {
         state_dir: data_dir.join("containers"),
         cgroup_parent: "quilt".to_owned(),
+        unavailable_limits: UnavailableLimits::Refuse,
     })
     .context("starting the container engine")?;
     let mut container = engine.create(spec)?;

@@ -173,6 +173,8 @@ fn limits_from(
     Ok(limits)
 }
 
+// RLIMIT_* are u32 on glibc and c_int on musl (Alpine): the cast is needed there.
+#[allow(clippy::unnecessary_cast)]
 fn rlimit_number(name: &str) -> Option<u32> {
     let number = match name {
         "RLIMIT_CPU" => libc::RLIMIT_CPU,
@@ -222,6 +224,7 @@ mod tests {
     }"#;
 
     #[test]
+    #[allow(clippy::unnecessary_cast)]
     fn reads_a_bundle() {
         let dir = bundle(MINIMAL);
         let spec = load_bundle(dir.path(), "b1").unwrap();

@@ -729,6 +729,7 @@ impl CgroupRoot {
 
     /// Controllers that are actually available for limits (so callers can tell the user e.g.
     /// "memory limit unsupported: no memory controller in this cgroup v2 tree").
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn controllers(&self) -> Vec<CgroupController> {
         self.hierarchy.controllers().iter().collect()
     }
@@ -803,6 +804,7 @@ impl CgroupRoot {
 
     /// Re-open an existing container cgroup by name (for cleanup of leftovers after a crash).
     /// None when the name is invalid or no hierarchy has a cgroup of that name.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn open_existing(&self, name: &str) -> Option<ContainerCgroup> {
         if !is_valid_name(name) {
             return None;
@@ -813,6 +815,7 @@ impl CgroupRoot {
 
     /// Names of all container cgroups that exist under the parent in any hierarchy (for
     /// leftover detection), sorted.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn list(&self) -> Vec<String> {
         let mut names = Vec::new();
         for mount in &self.hierarchy.mounts {
@@ -1000,6 +1003,7 @@ pub(crate) struct CgroupUsage {
 
 impl ContainerCgroup {
     /// The container name the cgroup was created or opened with.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn name(&self) -> &str {
         &self.name
     }
@@ -1073,6 +1077,7 @@ impl ContainerCgroup {
 
     /// Whether no process is left in the cgroup (true when it no longer exists). On v2 this is
     /// `populated 0` in `cgroup.events`, which also covers sub-cgroups.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn is_empty(&self) -> bool {
         if self.version == CgroupVersion::V2 {
             match fs::read_to_string(self.primary_dir().join("cgroup.events")) {
@@ -1132,6 +1137,7 @@ impl ContainerCgroup {
     }
 
     /// The directories this cgroup occupies (one per v1 hierarchy, one on v2).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn paths(&self) -> Vec<PathBuf> {
         self.dirs.iter().map(|dir| dir.path.clone()).collect()
     }

@@ -450,9 +450,9 @@ fn setup_and_exec(plan: &ChildPlan) -> StepResult {
     // SAFETY: umask cannot fail. Device nodes and mount points get exact modes.
     unsafe { libc::umask(0) };
     mounts(plan)?;
-    // SAFETY: hostname is a valid buffer of the given length.
     errno_of(
-        unsafe { libc::sethostname(plan.hostname.as_ptr(), plan.hostname.as_bytes().len()) } as libc::c_long
+        // SAFETY: hostname is a valid buffer of the given length.
+        unsafe { libc::sethostname(plan.hostname.as_ptr(), plan.hostname.as_bytes().len()) } as libc::c_long,
     )
     .at(SetupStep::Hostname)?;
     if plan.loopback {
@@ -847,6 +847,7 @@ fn exec(plan: &ChildPlan) -> StepResult {
     // SAFETY (execve calls): argv and envp are NULL-terminated arrays of
     // pointers to NUL-terminated strings the plan owns.
     if program.contains(&b'/') {
+        // SAFETY: see above.
         unsafe { libc::execve(plan.program.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr()) };
         return Err(exec_failure(Errno::last()));
     }
@@ -862,6 +863,7 @@ fn exec(plan: &ChildPlan) -> StepResult {
         buffer[directory.len()] = b'/';
         buffer[directory.len() + 1..length].copy_from_slice(program);
         buffer[length] = 0;
+        // SAFETY: see above; buffer is NUL-terminated at `length`.
         unsafe { libc::execve(buffer.as_ptr().cast(), plan.argv.as_ptr(), plan.envp.as_ptr()) };
         match Errno::last() {
             Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::ENAMETOOLONG => {}

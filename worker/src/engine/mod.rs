@@ -25,10 +25,12 @@
 
 mod bundle;
 mod capabilities;
+#[cfg_attr(test, allow(unsafe_code))]
 mod cgroup;
 #[allow(unsafe_code)]
 mod child;
 mod output;
+#[cfg_attr(test, allow(unsafe_code))]
 mod seccomp;
 mod spec;
 #[allow(unsafe_code)]
@@ -56,7 +58,7 @@ pub use spec::{
     MIN_MEMORY_BYTES,
 };
 
-use cgroup::{AttachHandle, CgroupError, CgroupLimits, CgroupRoot, ContainerCgroup};
+use cgroup::{AttachHandle, CgroupController, CgroupError, CgroupLimits, CgroupRoot, ContainerCgroup};
 use child::{ChildDescriptors, ChildPlan, RootPaths, REPORT_SIZE};
 use output::Capture;
 use seccomp::SeccompError;
@@ -153,6 +155,19 @@ pub struct EngineConfig {
     pub state_dir: PathBuf,
     /// Relative cgroup path under which every container's cgroup is made.
     pub cgroup_parent: String,
+    /// What to do with a limit whose cgroup controller this host lacks.
+    pub unavailable_limits: UnavailableLimits,
+}
+
+/// Policy for limits whose cgroup controller is missing on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnavailableLimits {
+    /// Refuse to create the container (the default: a limit is a promise).
+    #[default]
+    Refuse,
+    /// Run without that limit; the engine logs the missing controllers once
+    /// at start. For hosts whose cgroup tree lacks a controller.
+    Skip,
 }
 
 struct Shared {
@@ -184,6 +199,23 @@ impl Engine {
     }
 
     fn with_cgroups(config: EngineConfig, cgroups: CgroupRoot) -> Result<Engine, EngineError> {
+        let missing: Vec<&str> = [CgroupController::Memory, CgroupController::Pids, CgroupController::Cpu]
+            .into_iter()
+            .filter(|controller| !cgroups.has_controller(*controller))
+            .map(CgroupController::name)
+            .collect();
+        if !missing.is_empty() {
+            tracing::warn!(
+                missing = ?missing,
+                policy = ?config.unavailable_limits,
+                "cgroup {} tree lacks controllers; limits on them are {}",
+                cgroups.version(),
+                match config.unavailable_limits {
+                    UnavailableLimits::Refuse => "refused",
+                    UnavailableLimits::Skip => "not enforced",
+                }
+            );
+        }
         let seccomp = seccomp::default_program().map_err(EngineError::Seccomp)?;
         let last_capability = read_last_capability()?;
         std::fs::create_dir_all(&config.state_dir)
@@ -227,10 +259,15 @@ impl Engine {
                 std::fs::create_dir(dir.join(sub))
                     .map_err(|source| EngineError::StateDirectory { path: dir.join(sub), source })?;
             }
+            let cgroups = &self.shared.cgroups;
+            let enforce = |controller| {
+                self.shared.config.unavailable_limits == UnavailableLimits::Refuse
+                    || cgroups.has_controller(controller)
+            };
             let limits = CgroupLimits {
-                memory_bytes: Some(spec.limits.memory_bytes),
-                cpu_millis: spec.limits.cpu_millis,
-                pids: Some(spec.limits.pids),
+                memory_bytes: Some(spec.limits.memory_bytes).filter(|_| enforce(CgroupController::Memory)),
+                cpu_millis: spec.limits.cpu_millis.filter(|_| enforce(CgroupController::Cpu)),
+                pids: Some(spec.limits.pids).filter(|_| enforce(CgroupController::Pids)),
             };
             Ok(self.shared.cgroups.create(&spec.id, &limits)?)
         })();

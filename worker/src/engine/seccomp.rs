@@ -76,6 +76,8 @@ use seccompiler::{
 };
 
 /// Errors from building the seccomp filter, named after the step that failed.
+///
+/// `pub` because the engine's public error carries it.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
     /// The filter is only written for x86_64 and aarch64.
@@ -162,6 +164,7 @@ const ALLOWED: &[Syscall] = syscalls![
     SYS_execve,
     SYS_execveat,
     SYS_exit,
+    SYS_exit_group,
     SYS_faccessat,
     SYS_faccessat2,
     SYS_fadvise64,
@@ -523,6 +526,7 @@ struct ArgumentChecked {
     rules: fn() -> Result<Vec<SeccompRule>, SeccompError>,
 }
 
+/// The syscalls allowed only with argument checks, and their rules.
 const ARGUMENT_CHECKED: &[ArgumentChecked] = &[
     ArgumentChecked { syscall: (stringify!(SYS_clone), numbers::SYS_clone), rules: clone_rules },
     ArgumentChecked {
@@ -625,10 +629,12 @@ pub(crate) fn denied_syscalls() -> impl Iterator<Item = &'static str> {
 /// The kernel's limit on a classic-BPF program, `BPF_MAXINSNS`.
 const BPF_MAXINSNS: usize = libc::BPF_MAXINSNS as usize;
 
+/// `read` for `libc`'s `SYS_read`.
 fn bare_name(libc_name: &'static str) -> &'static str {
     libc_name.strip_prefix("SYS_").unwrap_or(libc_name)
 }
 
+/// This machine's architecture for `seccompiler`, and its `AUDIT_ARCH_*`.
 fn target_arch() -> Result<(TargetArch, u32), SeccompError> {
     match std::env::consts::ARCH {
         "x86_64" => Ok((TargetArch::x86_64, AUDIT_ARCH_X86_64)),
@@ -654,19 +660,20 @@ fn enosys_prefix(audit_arch: u32) -> [sock_filter; 6] {
     const RETURN: u32 = libc::BPF_RET | libc::BPF_K;
     const ARCH_OFFSET: u32 = std::mem::offset_of!(libc::seccomp_data, arch) as u32;
     const NR_OFFSET: u32 = std::mem::offset_of!(libc::seccomp_data, nr) as u32;
-    // Jumps are relative to the next instruction; index 6 is the first
-    // instruction after the prefix.
+    let enosys = u32::from(SeccompAction::Errno(errno(libc::ENOSYS)));
+    // Jumps count from the next instruction; index 6 is the first instruction
+    // after the prefix.
     [
         /* 0 */ instruction(LOAD_WORD, ARCH_OFFSET, 0, 0),
         /* 1 */ instruction(JUMP_IF_EQUAL, audit_arch, 0, 4),
         /* 2 */ instruction(LOAD_WORD, NR_OFFSET, 0, 0),
         /* 3 */ instruction(JUMP_IF_EQUAL, syscall_number(numbers::SYS_clone3), 1, 0),
         /* 4 */ instruction(JUMP_IF_GREATER, LAST_REVIEWED_SYSCALL, 0, 1),
-        /* 5 */
-        instruction(RETURN, u32::from(SeccompAction::Errno(errno(libc::ENOSYS))), 0, 0),
+        /* 5 */ instruction(RETURN, enosys, 0, 0),
     ]
 }
 
+/// One classic-BPF instruction, as `BPF_STMT`/`BPF_JUMP` build it.
 const fn instruction(code: u32, k: u32, jt: u8, jf: u8) -> sock_filter {
     // BPF opcodes fit in 16 bits.
     sock_filter { code: code as u16, jt, jf, k }
@@ -677,6 +684,7 @@ const fn syscall_number(number: libc::c_long) -> u32 {
     number as u32
 }
 
+/// A condition on the lower 32 bits of a syscall argument.
 fn dword_condition(
     argument: u8,
     operator: SeccompCmpOp,
@@ -688,6 +696,7 @@ fn dword_condition(
     SeccompCondition::new(argument, SeccompCmpArgLen::Dword, operator, value).map_err(SeccompError::Rule)
 }
 
+/// A rule that holds when all of `conditions` hold.
 fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, SeccompError> {
     SeccompRule::new(conditions).map_err(SeccompError::Rule)
 }
@@ -698,6 +707,7 @@ fn clone_rules() -> Result<Vec<SeccompRule>, SeccompError> {
     Ok(vec![rule(vec![dword_condition(0, SeccompCmpOp::MaskedEq(NAMESPACE_FLAGS), 0)?])?])
 }
 
+/// `personality(persona)` for the values in [`ALLOWED_PERSONALITIES`].
 fn personality_rules() -> Result<Vec<SeccompRule>, SeccompError> {
     ALLOWED_PERSONALITIES
         .iter()
@@ -705,10 +715,12 @@ fn personality_rules() -> Result<Vec<SeccompRule>, SeccompError> {
         .collect()
 }
 
+/// `socket(domain, ...)` for every domain but `AF_VSOCK`.
 fn socket_rules() -> Result<Vec<SeccompRule>, SeccompError> {
     Ok(vec![rule(vec![dword_condition(0, SeccompCmpOp::Ne, AF_VSOCK)?])?])
 }
 
+/// `ioctl(fd, request, ...)` for every request but `TIOCSTI` and `TIOCLINUX`.
 fn ioctl_rules() -> Result<Vec<SeccompRule>, SeccompError> {
     Ok(vec![rule(vec![
         dword_condition(1, SeccompCmpOp::Ne, TIOCSTI)?,
@@ -1023,7 +1035,36 @@ mod tests {
                 // destructors or atexit handlers.
                 unsafe { libc::_exit(code) }
             }
-            pid => reap(pid).expect("waitpid"),
+            pid => reap_within(pid, CHILD_DEADLINE),
+        }
+    }
+
+    /// Long enough for a loaded machine; a child that outlives it is stuck,
+    /// for example a thread-exit that the filter refused.
+    const CHILD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Waits for `pid` in the parent; kills it and fails the test once
+    /// `deadline` has passed, so a stuck filtered process cannot hang the suite.
+    fn reap_within(pid: libc::pid_t, deadline: std::time::Duration) -> libc::c_int {
+        let start = std::time::Instant::now();
+        let mut status = 0;
+        loop {
+            // SAFETY: `status` is a valid, writable c_int for the call.
+            match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+                0 if start.elapsed() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                0 => {
+                    // SAFETY: `pid` is our own unreaped child, so the id
+                    // cannot have been reused.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    reap(pid);
+                    panic!("child {pid} still running after {deadline:?}; killed it");
+                }
+                waited if waited == pid => return status,
+                _ if last_errno() == libc::EINTR => {}
+                _ => panic!("waitpid: {}", std::io::Error::last_os_error()),
+            }
         }
     }
 
@@ -1040,7 +1081,7 @@ mod tests {
     /// Every check the filtered child makes, in order; its exit code is the
     /// 1-based index of the first one that failed.
     const CHILD_CHECKS: &[&str] = &[
-        "control: mount() without the filter fails with ENOENT, not EPERM",
+        "control: mount() without the filter fails with ENOENT (is the test already under seccomp?)",
         "prctl(PR_SET_NO_NEW_PRIVS) and seccomp(SECCOMP_SET_MODE_FILTER)",
         "getpid() works",
         "unshare(CLONE_NEWUSER) fails with EPERM",
@@ -1191,7 +1232,8 @@ mod tests {
     }
 
     /// Runs as an ordinary Rust program under the filter: threads (glibc tries
-    /// clone3, gets ENOSYS, falls back to clone), files, sockets, a subprocess.
+    /// clone3, gets ENOSYS, falls back to clone), files, sockets, subprocesses
+    /// and a shell pipeline.
     #[test]
     #[ignore = "run under the filter by ordinary_program_runs_under_the_filter"]
     fn filtered_process_helper() {
@@ -1218,6 +1260,13 @@ mod tests {
 
         let child = std::process::Command::new("/bin/true").status().unwrap();
         assert!(child.success());
+
+        // What a task's script does: a shell, pipelines, subshells, coreutils.
+        let script = "set -e; grep -q '^Seccomp:[[:space:]]*2' /proc/self/status; \
+            ls / | sort | head -n 1 >/dev/null; (cd / && pwd) >/dev/null; \
+            now=$(date +%s); test \"$now\" -gt 0";
+        let shell = std::process::Command::new("/bin/sh").args(["-c", script]).status().unwrap();
+        assert!(shell.success(), "{script}: {shell}");
 
         // SAFETY: unshare with an integer flag.
         let unshared = unsafe { libc::unshare(libc::CLONE_NEWUSER) };

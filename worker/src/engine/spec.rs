@@ -141,6 +141,8 @@ pub struct Rlimit {
 }
 
 /// The rlimits every container gets unless its spec says otherwise.
+// RLIMIT_* are u32 on glibc and c_int on musl (Alpine): the cast is needed there.
+#[allow(clippy::unnecessary_cast)]
 pub fn default_rlimits() -> Vec<Rlimit> {
     vec![
         Rlimit { resource: libc::RLIMIT_NOFILE as u32, soft: 1024, hard: 4096 },
@@ -432,7 +434,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "h" => value * 3600.0,
         _ => return None,
     };
-    if !seconds.is_finite() || seconds < 0.0 || seconds > 1e9 {
+    if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
         return None;
     }
     Some(Duration::from_secs_f64(seconds))
