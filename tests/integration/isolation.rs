@@ -161,3 +161,25 @@ fn stdin_is_fed_and_output_is_streamed() {
     assert_eq!(String::from_utf8_lossy(&output.stderr).trim(), "to-stderr");
     assert_nothing_left(&data, "quilt", "iso-stdin");
 }
+
+#[test]
+fn memory_scratch_is_size_limited_and_disk_scratch_works() {
+    let outcome = run(
+        "iso-scratch-mem",
+        &["--scratch-size", "4M"],
+        &[
+            "/bin/sh",
+            "-c",
+            "dd if=/dev/zero of=/big bs=1M count=8 2>/dev/null || echo full; df -k / | tail -1",
+        ],
+    );
+    let text = stdout_text(&outcome);
+    assert!(text.starts_with("full"), "{text}");
+    assert!(text.contains(" 4096 "), "scratch not 4 MiB: {text}");
+    let outcome = run(
+        "iso-scratch-disk",
+        &["--scratch", "disk"],
+        &["/bin/sh", "-c", "dd if=/dev/zero of=/big bs=1M count=8 2>/dev/null && wc -c < /big"],
+    );
+    assert_eq!(stdout_text(&outcome), "8388608", "{outcome}");
+}

@@ -69,6 +69,13 @@ pub(crate) struct RunArgs {
     /// Mount the root read-only.
     #[arg(long)]
     read_only: bool,
+    /// Where the container's writes go: memory (a tmpfs counted in its memory
+    /// limit, gone with the container) or disk (a directory in the data dir).
+    #[arg(long, default_value = "memory")]
+    scratch: String,
+    /// Size of the in-memory scratch layer, e.g. 64M (default 256M, at most the memory limit).
+    #[arg(long, allow_hyphen_values = true)]
+    scratch_size: Option<String>,
     /// Feed this file to the command's stdin ("-" for Quilt's own stdin).
     #[arg(long)]
     stdin: Option<PathBuf>,
@@ -166,6 +173,11 @@ fn build_spec(args: &RunArgs) -> anyhow::Result<ContainerSpec> {
     }
     if args.read_only {
         spec.root.read_only = true;
+    }
+    spec.root.scratch = args.scratch.parse()?;
+    if let Some(size) = &args.scratch_size {
+        spec.limits.scratch_bytes =
+            parse_size(size).with_context(|| format!("invalid --scratch-size {size:?}: use e.g. 64M"))?;
     }
     if let Some(path) = &args.stdin {
         let bytes = if path.as_os_str() == "-" {

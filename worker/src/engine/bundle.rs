@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use super::capabilities::{mask_of, Capability, CapabilitySet};
-use super::spec::{ContainerSpec, Limits, NetworkMode, Rlimit, RootSpec, User};
+use super::spec::{ContainerSpec, Limits, NetworkMode, Rlimit, User};
 
 /// Why a bundle could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +82,7 @@ pub fn load_bundle(bundle: &Path, id: &str) -> Result<ContainerSpec, BundleError
 
     let user = process.user();
     let mut spec = ContainerSpec::new(id, vec![root_path], args);
-    spec.root = RootSpec { layers: spec.root.layers, read_only: root.readonly().unwrap_or(false) };
+    spec.root.read_only = root.readonly().unwrap_or(false);
     spec.env = env;
     spec.workdir = process.cwd().to_string_lossy().into_owned();
     spec.user = User {
@@ -158,6 +158,7 @@ fn limits_from(
         limits.memory_bytes =
             u64::try_from(limit).map_err(|_| BundleError::Invalid(format!("memory limit {limit}")))?;
         limits.shm_bytes = limits.shm_bytes.min(limits.memory_bytes);
+        limits.scratch_bytes = limits.scratch_bytes.min(limits.memory_bytes);
     }
     if let Some(cpu) = resources.cpu() {
         if let Some(quota) = cpu.quota().filter(|q| *q > 0) {

@@ -19,7 +19,8 @@
 //!    here). On v2 clone3's CLONE_INTO_CGROUP did it already. Then a new
 //!    cgroup namespace rooted at the container's cgroup;
 //! 3. mounts: propagation private; the root (overlay of the layers plus a
-//!    private upper, or a read-only bind); then /proc, /dev (tmpfs with the
+//!    private upper, on a tmpfs that exists only in this mount namespace or
+//!    in a directory on disk; or a read-only bind); then /proc, /dev (tmpfs with the
 //!    standard nodes), /dev/pts, /dev/shm, /dev/mqueue, /sys (read-only).
 //!    Every target inside the root is opened with openat2(RESOLVE_IN_ROOT |
 //!    RESOLVE_NO_SYMLINKS) and mounted onto that descriptor with move_mount,
@@ -60,6 +61,8 @@ pub enum SetupStep {
     Session,
     /// Making mount propagation private.
     MountPropagation,
+    /// Mounting the in-memory scratch layer.
+    Scratch,
     /// Mounting the root filesystem.
     RootMount,
     /// A mount target inside the root is missing, a symlink or not a directory.
@@ -133,6 +136,7 @@ impl SetupStep {
         SetupStep::CgroupNamespace,
         SetupStep::Session,
         SetupStep::MountPropagation,
+        SetupStep::Scratch,
         SetupStep::RootMount,
         SetupStep::MountTarget,
         SetupStep::MountProc,
@@ -180,6 +184,7 @@ impl SetupStep {
             SetupStep::CgroupNamespace => "creating the cgroup namespace",
             SetupStep::Session => "starting a new session",
             SetupStep::MountPropagation => "making mounts private",
+            SetupStep::Scratch => "mounting the in-memory scratch layer",
             SetupStep::RootMount => "mounting the root filesystem",
             SetupStep::MountTarget => {
                 "opening a mount target in the image (is /proc, /dev or /sys a symlink or a file?)"
@@ -223,10 +228,20 @@ pub(super) const REPORT_SIZE: usize = 8;
 
 /// How the root filesystem gets mounted.
 pub(super) enum RootPlan {
-    /// overlayfs: the layers read-only, a private upper directory.
-    Overlay { lowerdir: CString, upperdir: CString, workdir: CString },
-    /// A read-only bind of a single directory.
+    /// overlayfs: the layers read-only, a private upper directory; with
+    /// `memory_scratch`, upper and work directories live on a tmpfs that
+    /// exists only in the container's mount namespace.
+    Overlay { lowerdir: CString, upper: Option<(CString, CString)>, memory_scratch: Option<MemoryScratch> },
+    /// A read-only bind of a single directory (a read-only root of several
+    /// layers is an overlay without `upper`).
     ReadOnlyBind { source: CString },
+}
+
+/// A tmpfs for the writable layer, mounted at `mount_point` inside the
+/// container's (private) mount namespace only.
+pub(super) struct MemoryScratch {
+    size: CString,
+    mount_point: CString,
 }
 
 /// Everything the child needs, prepared before clone.
@@ -268,10 +283,17 @@ pub(super) struct ChildDescriptors {
 }
 
 /// Paths the runtime owns for one container.
-pub(super) struct RootPaths<'a> {
-    pub(super) target: &'a std::path::Path,
-    pub(super) upper: &'a std::path::Path,
-    pub(super) work: &'a std::path::Path,
+pub(super) struct RootPaths {
+    /// Where the root gets mounted before pivot_root.
+    pub(super) target: std::path::PathBuf,
+    /// overlayfs upper directory.
+    pub(super) upper: std::path::PathBuf,
+    /// overlayfs work directory.
+    pub(super) work: std::path::PathBuf,
+    /// For in-memory scratch: the directory the tmpfs covers (inside the
+    /// container's mount namespace) and its size in bytes; `upper`, `work`
+    /// and `target` are then directories on that tmpfs.
+    pub(super) memory_scratch: Option<(std::path::PathBuf, u64)>,
 }
 
 fn c_string(text: impl Into<Vec<u8>>) -> CString {
@@ -289,7 +311,7 @@ impl ChildPlan {
     /// Turn a validated spec into the child's plan.
     pub(super) fn prepare(
         spec: &ContainerSpec,
-        paths: &RootPaths<'_>,
+        paths: &RootPaths,
         descriptors: ChildDescriptors,
         seccomp: libc::sock_fprog,
         last_capability: u32,
@@ -299,10 +321,14 @@ impl ChildPlan {
         } else {
             let lower: Vec<String> =
                 spec.root.layers.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+            let upper = (!spec.root.read_only).then(|| (c_path(&paths.upper), c_path(&paths.work)));
             RootPlan::Overlay {
                 lowerdir: c_string(lower.join(":")),
-                upperdir: c_path(paths.upper),
-                workdir: c_path(paths.work),
+                upper,
+                memory_scratch: paths.memory_scratch.as_ref().map(|(mount_point, size)| MemoryScratch {
+                    size: c_string(size.to_string()),
+                    mount_point: c_path(mount_point),
+                }),
             }
         };
         let env = spec.effective_env();
@@ -327,7 +353,7 @@ impl ChildPlan {
             report: descriptors.report,
             cgroup_tasks: descriptors.cgroup_tasks,
             root,
-            root_target: c_path(paths.target),
+            root_target: c_path(&paths.target),
             read_only_root: spec.root.read_only,
             shm_size: c_string(format!("{}", spec.limits.shm_bytes)),
             hostname: c_string(spec.hostname.as_bytes()),
@@ -608,12 +634,38 @@ fn mounts(plan: &ChildPlan) -> StepResult {
     .at(SetupStep::MountPropagation)?;
 
     let root = match &plan.root {
-        RootPlan::Overlay { lowerdir, upperdir, workdir } => new_mount(
-            c"overlay",
-            &[(c"lowerdir", lowerdir), (c"upperdir", upperdir), (c"workdir", workdir)],
-            sys::MOUNT_ATTR_NODEV,
-            SetupStep::RootMount,
-        )?,
+        RootPlan::Overlay { lowerdir, upper, memory_scratch } => {
+            if let Some(scratch) = memory_scratch {
+                let tmpfs = new_mount(
+                    c"tmpfs",
+                    &[(c"size", &scratch.size), (c"mode", c"0755")],
+                    sys::MOUNT_ATTR_NODEV,
+                    SetupStep::Scratch,
+                )?;
+                for name in [c"upper", c"work", c"root"] {
+                    // SAFETY: a single component inside the tmpfs just made.
+                    errno_of(
+                        unsafe { libc::mkdirat(tmpfs.as_raw_fd(), name.as_ptr(), 0o755) } as libc::c_long
+                    )
+                    .at(SetupStep::Scratch)?;
+                }
+                sys::move_mount_path(tmpfs.as_raw_fd(), &scratch.mount_point).at(SetupStep::Scratch)?;
+            }
+            match upper {
+                Some((upperdir, workdir)) => new_mount(
+                    c"overlay",
+                    &[(c"lowerdir", lowerdir), (c"upperdir", upperdir), (c"workdir", workdir)],
+                    sys::MOUNT_ATTR_NODEV,
+                    SetupStep::RootMount,
+                )?,
+                None => new_mount(
+                    c"overlay",
+                    &[(c"lowerdir", lowerdir)],
+                    sys::MOUNT_ATTR_NODEV,
+                    SetupStep::RootMount,
+                )?,
+            }
+        }
         RootPlan::ReadOnlyBind { source } => {
             sys::open_tree(libc::AT_FDCWD, source, sys::OPEN_TREE_CLONE).at(SetupStep::RootMount)?
         }

@@ -54,7 +54,7 @@ pub use child::SetupStep;
 pub use output::{OutputFollower, StreamProgress};
 pub use spec::{
     default_rlimits, parse_cpus, parse_duration, parse_size, validate_env_name, validate_id, ContainerSpec,
-    Limits, MachineSize, NetworkMode, Rlimit, RootSpec, SpecError, User, MAX_PIDS, MAX_TIMEOUT,
+    Limits, MachineSize, NetworkMode, Rlimit, RootSpec, Scratch, SpecError, User, MAX_PIDS, MAX_TIMEOUT,
     MIN_MEMORY_BYTES,
 };
 
@@ -241,47 +241,47 @@ impl Engine {
         self.shared.machine
     }
 
-    /// Validate `spec`, then make the container's state directory and cgroup.
-    /// On error nothing is left behind.
+    /// Validate `spec`, then make the container's cgroup (and, for disk
+    /// scratch, its state directory). On error nothing is left behind.
     pub fn create(&self, spec: ContainerSpec) -> Result<Container, EngineError> {
         let created_at = Instant::now();
         spec.validate(&self.shared.machine)?;
-        let dir = self.shared.config.state_dir.join(&spec.id);
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(EngineError::AlreadyExists(spec.id.clone()));
-            }
-            Err(source) => return Err(EngineError::StateDirectory { path: dir, source }),
-        }
-        let prepared = (|| {
-            for sub in ["rootfs", "upper", "work"] {
-                std::fs::create_dir(dir.join(sub))
-                    .map_err(|source| EngineError::StateDirectory { path: dir.join(sub), source })?;
-            }
-            let cgroups = &self.shared.cgroups;
-            let enforce = |controller| {
-                self.shared.config.unavailable_limits == UnavailableLimits::Refuse
-                    || cgroups.has_controller(controller)
-            };
-            let limits = CgroupLimits {
-                memory_bytes: Some(spec.limits.memory_bytes).filter(|_| enforce(CgroupController::Memory)),
-                cpu_millis: spec.limits.cpu_millis.filter(|_| enforce(CgroupController::Cpu)),
-                pids: Some(spec.limits.pids).filter(|_| enforce(CgroupController::Pids)),
-            };
-            Ok(self.shared.cgroups.create(&spec.id, &limits)?)
-        })();
-        let cgroup = match prepared {
+        let cgroups = &self.shared.cgroups;
+        let enforce = |controller| {
+            self.shared.config.unavailable_limits == UnavailableLimits::Refuse
+                || cgroups.has_controller(controller)
+        };
+        let limits = CgroupLimits {
+            memory_bytes: Some(spec.limits.memory_bytes).filter(|_| enforce(CgroupController::Memory)),
+            cpu_millis: spec.limits.cpu_millis.filter(|_| enforce(CgroupController::Cpu)),
+            pids: Some(spec.limits.pids).filter(|_| enforce(CgroupController::Pids)),
+        };
+        // The cgroup name is the container id, so its creation is what makes
+        // ids unique on this host.
+        let cgroup = match cgroups.create(&spec.id, &limits) {
             Ok(cgroup) => cgroup,
-            Err(error) => {
-                let _ = std::fs::remove_dir_all(&dir);
+            Err(CgroupError::AlreadyExists { .. }) => {
+                return Err(EngineError::AlreadyExists(spec.id.clone()))
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let disk_dir = (spec.root.scratch == Scratch::Disk && !spec.root.read_only)
+            .then(|| self.shared.config.state_dir.join(&spec.id));
+        if let Some(dir) = &disk_dir {
+            let made = ["", "rootfs", "upper", "work"].into_iter().try_for_each(|sub| {
+                let path = if sub.is_empty() { dir.clone() } else { dir.join(sub) };
+                std::fs::create_dir(&path).map_err(|source| EngineError::StateDirectory { path, source })
+            });
+            if let Err(error) = made {
+                let _ = std::fs::remove_dir_all(dir);
+                let _ = cgroup.delete();
                 return Err(error);
             }
-        };
+        }
         Ok(Container {
             engine: self.clone(),
             spec,
-            dir,
+            disk_dir,
             cgroup: Some(cgroup),
             process: None,
             stdout: None,
@@ -338,7 +338,8 @@ pub enum ExitStatus {
 pub struct Container {
     engine: Engine,
     spec: ContainerSpec,
-    dir: PathBuf,
+    /// The on-disk state directory, for disk scratch only.
+    disk_dir: Option<PathBuf>,
     cgroup: Option<ContainerCgroup>,
     process: Option<Process>,
     stdout: Option<Capture>,
@@ -386,10 +387,32 @@ impl Container {
             AttachHandle::V1 { tasks } => (tasks, None),
             AttachHandle::V2 { dir } => (Vec::new(), Some(dir)),
         };
-        let paths = RootPaths {
-            target: &self.dir.join("rootfs"),
-            upper: &self.dir.join("upper"),
-            work: &self.dir.join("work"),
+        let state_dir = &self.engine.shared.config.state_dir;
+        let paths = match &self.disk_dir {
+            Some(dir) => RootPaths {
+                target: dir.join("rootfs"),
+                upper: dir.join("upper"),
+                work: dir.join("work"),
+                memory_scratch: None,
+            },
+            // The state directory is shared, but each container covers it
+            // with its own tmpfs (or its read-only root) in its own private
+            // mount namespace.
+            None if self.spec.root.read_only => RootPaths {
+                target: state_dir.clone(),
+                upper: PathBuf::new(),
+                work: PathBuf::new(),
+                memory_scratch: None,
+            },
+            None => RootPaths {
+                target: state_dir.join("root"),
+                upper: state_dir.join("upper"),
+                work: state_dir.join("work"),
+                memory_scratch: Some((
+                    state_dir.clone(),
+                    self.spec.limits.scratch_bytes.min(self.spec.limits.memory_bytes),
+                )),
+            },
         };
         let plan = ChildPlan::prepare(
             &self.spec,
@@ -420,10 +443,8 @@ impl Container {
         });
 
         let cap = self.spec.limits.output_bytes;
-        self.stdout =
-            Some(Capture::start(stdout_read, &self.dir.join("stdout"), cap).map_err(EngineError::Output)?);
-        self.stderr =
-            Some(Capture::start(stderr_read, &self.dir.join("stderr"), cap).map_err(EngineError::Output)?);
+        self.stdout = Some(Capture::start(stdout_read, state_dir, cap).map_err(EngineError::Output)?);
+        self.stderr = Some(Capture::start(stderr_read, state_dir, cap).map_err(EngineError::Output)?);
         if let Some(bytes) = self.spec.stdin.clone() {
             let mut sender =
                 tokio::net::unix::pipe::Sender::from_owned_fd(stdin_write).map_err(EngineError::Output)?;
@@ -565,8 +586,10 @@ impl Container {
             pids_limit_hit = counters.pids_limit_hit.unwrap_or(0) > 0;
             cgroup.delete()?;
         }
-        std::fs::remove_dir_all(&self.dir)
-            .map_err(|source| EngineError::StateDirectory { path: self.dir.clone(), source })?;
+        if let Some(dir) = self.disk_dir.take() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|source| EngineError::StateDirectory { path: dir, source })?;
+        }
         let finished = Instant::now();
         let started = self.started_at.unwrap_or(finished);
         let exited = self.exited_at.unwrap_or(teardown_start);
@@ -611,7 +634,7 @@ async fn finish_stream(capture: Option<Capture>) -> Result<StreamOutcome, Engine
             )));
         }
     };
-    let data = capture.read_captured().map_err(EngineError::Output)?;
+    let data = capture.read_captured(progress.captured).map_err(EngineError::Output)?;
     Ok(StreamOutcome { bytes: progress.produced, truncated: progress.truncated(), data })
 }
 

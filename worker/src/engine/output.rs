@@ -1,5 +1,7 @@
 //! Output capture: a container's stdout and stderr go into pipes the runtime
-//! drains into files, so a slow consumer never blocks the container.
+//! drains into files, so a slow consumer never blocks the container. The
+//! files are anonymous (`O_TMPFILE` in the state directory): they vanish with
+//! their last descriptor, so nothing is left on disk, even after a crash.
 //!
 //! The pump keeps the first `cap` bytes of each stream in its file and
 //! counts and drops the rest (the result says `truncated`), through one fixed
@@ -9,9 +11,9 @@
 //! for them.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
 
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
@@ -38,24 +40,29 @@ impl StreamProgress {
 
 /// The running pump of one stream.
 pub(super) struct Capture {
-    path: PathBuf,
+    file: File,
     progress: watch::Receiver<StreamProgress>,
     task: Option<tokio::task::JoinHandle<std::io::Result<StreamProgress>>>,
 }
 
 impl Capture {
-    /// Start draining `pipe` into a new file at `path`, keeping `cap` bytes.
-    pub(super) fn start(pipe: OwnedFd, path: &Path, cap: u64) -> std::io::Result<Capture> {
-        let file = File::options().write(true).create_new(true).open(path)?;
+    /// Start draining `pipe` into a new anonymous file in `directory`, keeping `cap` bytes.
+    pub(super) fn start(pipe: OwnedFd, directory: &Path, cap: u64) -> std::io::Result<Capture> {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(directory)?;
         let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(pipe)?;
         let (sender, progress) = watch::channel(StreamProgress::default());
-        let task = tokio::spawn(pump(receiver, file, cap, sender));
-        Ok(Capture { path: path.to_owned(), progress, task: Some(task) })
+        let task = tokio::spawn(pump(receiver, file.try_clone()?, cap, sender));
+        Ok(Capture { file, progress, task: Some(task) })
     }
 
     /// A reader of this stream from its first byte.
     pub(super) fn follow(&self) -> std::io::Result<OutputFollower> {
-        Ok(OutputFollower { file: File::open(&self.path)?, offset: 0, progress: self.progress.clone() })
+        Ok(OutputFollower { file: self.file.try_clone()?, offset: 0, progress: self.progress.clone() })
     }
 
     /// Wait for the container's end of the pipe to close and the pump to finish.
@@ -74,16 +81,16 @@ impl Capture {
     }
 
     /// Read what was kept, at most `cap` bytes.
-    pub(super) fn read_captured(&self) -> std::io::Result<Vec<u8>> {
-        let mut bytes = Vec::new();
-        File::open(&self.path)?.read_to_end(&mut bytes)?;
+    pub(super) fn read_captured(&self, length: u64) -> std::io::Result<Vec<u8>> {
+        let mut bytes = vec![0u8; length as usize];
+        self.file.read_exact_at(&mut bytes, 0)?;
         Ok(bytes)
     }
 }
 
 async fn pump(
     mut pipe: tokio::net::unix::pipe::Receiver,
-    mut file: File,
+    file: File,
     cap: u64,
     progress: watch::Sender<StreamProgress>,
 ) -> std::io::Result<StreamProgress> {
@@ -97,7 +104,8 @@ async fn pump(
         let keep = (cap - state.captured).min(read as u64) as usize;
         if keep > 0 {
             // A page-cache write; cheap enough not to need a blocking thread.
-            file.write_all(&buffer[..keep])?;
+            // Positional, so readers sharing the descriptor never move our offset.
+            file.write_all_at(&buffer[..keep], state.captured)?;
             state.captured += keep as u64;
         }
         state.produced += read as u64;
@@ -123,8 +131,7 @@ impl OutputFollower {
             let state = *self.progress.borrow_and_update();
             if self.offset < state.captured {
                 let want = ((state.captured - self.offset) as usize).min(buffer.len());
-                self.file.seek(SeekFrom::Start(self.offset))?;
-                let read = self.file.read(&mut buffer[..want])?;
+                let read = self.file.read_at(&mut buffer[..want], self.offset)?;
                 self.offset += read as u64;
                 return Ok(Some(read));
             }

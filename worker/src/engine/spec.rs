@@ -65,6 +65,34 @@ pub struct RootSpec {
     pub layers: Vec<PathBuf>,
     /// Mount the root read-only (no upper directory at all).
     pub read_only: bool,
+    /// Where the container's writes go.
+    pub scratch: Scratch,
+}
+
+/// Where a container's writable layer lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scratch {
+    /// A tmpfs of `Limits::scratch_bytes` that exists only in the container's
+    /// mount namespace: nothing touches the host's disk and nothing survives
+    /// the container, even a crash of the runtime. Its pages count toward the
+    /// container's memory limit. The default, for one-shot tasks.
+    #[default]
+    Memory,
+    /// A directory under the engine's state directory, on disk, kept until
+    /// the container is finished (for long-running containers and builds).
+    /// Not size-limited.
+    Disk,
+}
+
+impl std::str::FromStr for Scratch {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        match s {
+            "memory" => Ok(Scratch::Memory),
+            "disk" => Ok(Scratch::Disk),
+            other => Err(SpecError::Scratch(other.to_owned())),
+        }
+    }
 }
 
 /// Which network namespace the container gets.
@@ -114,6 +142,10 @@ pub struct Limits {
     pub output_bytes: u64,
     /// Size of the container's `/dev/shm` tmpfs.
     pub shm_bytes: u64,
+    /// Size of the in-memory scratch layer ([`Scratch::Memory`]). Its pages
+    /// are charged to the container's memory cgroup, so the memory limit
+    /// caps it too, whichever is lower.
+    pub scratch_bytes: u64,
 }
 
 impl Default for Limits {
@@ -125,6 +157,7 @@ impl Default for Limits {
             timeout: None,
             output_bytes: 1024 * 1024,
             shm_bytes: 64 * 1024 * 1024,
+            scratch_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -191,6 +224,12 @@ pub enum SpecError {
     /// Hostname malformed.
     #[error("invalid hostname {0:?}: 1-64 characters [A-Za-z0-9.-]")]
     Hostname(String),
+    /// Unknown scratch kind.
+    #[error("invalid scratch {0:?}: expected memory or disk")]
+    Scratch(String),
+    /// Scratch size out of range.
+    #[error("invalid scratch size {0} bytes: must be at least 1 MiB")]
+    ScratchSize(u64),
     /// Unknown network mode.
     #[error("invalid network mode {0:?}: expected none or host")]
     Network(String),
@@ -226,7 +265,7 @@ impl ContainerSpec {
     pub fn new(id: impl Into<String>, layers: Vec<PathBuf>, command: Vec<String>) -> Self {
         ContainerSpec {
             id: id.into(),
-            root: RootSpec { layers, read_only: false },
+            root: RootSpec { layers, read_only: false, scratch: Scratch::Memory },
             command,
             env: Vec::new(),
             workdir: "/".to_owned(),
@@ -279,6 +318,7 @@ impl ContainerSpec {
         validate_workdir(&self.workdir)?;
         validate_hostname(&self.hostname)?;
         self.limits.validate(machine)?;
+
         if self.capabilities.grants(Capability::SysAdmin) {
             return Err(SpecError::ForbiddenCapability(Capability::SysAdmin));
         }
@@ -332,6 +372,9 @@ impl Limits {
         }
         if self.shm_bytes < 4096 || self.shm_bytes > self.memory_bytes {
             return Err(SpecError::Shm(self.shm_bytes));
+        }
+        if self.scratch_bytes < 1 << 20 {
+            return Err(SpecError::ScratchSize(self.scratch_bytes));
         }
         Ok(())
     }
