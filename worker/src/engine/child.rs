@@ -559,9 +559,9 @@ fn mount_target(
     match sys::openat2(root, path, libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW, TARGET_RESOLVE) {
         Ok(fd) => Ok(fd),
         Err(Errno::ENOENT) => {
-            // SAFETY: path is relative to root and has a single component, so
-            // mkdirat cannot follow a symlink planted by the image.
-            errno_of(unsafe { libc::mkdirat(root, path.as_ptr(), 0o755) } as libc::c_long).at(step)?;
+            // A single component relative to the root: mkdirat cannot follow
+            // a symlink planted by the image.
+            sys::mkdirat(root, path, 0o755).at(step)?;
             sys::openat2(root, path, libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW, TARGET_RESOLVE)
                 .at(SetupStep::MountTarget)
         }
@@ -643,11 +643,7 @@ fn mounts(plan: &ChildPlan) -> StepResult {
                     SetupStep::Scratch,
                 )?;
                 for name in [c"upper", c"work", c"root"] {
-                    // SAFETY: a single component inside the tmpfs just made.
-                    errno_of(
-                        unsafe { libc::mkdirat(tmpfs.as_raw_fd(), name.as_ptr(), 0o755) } as libc::c_long
-                    )
-                    .at(SetupStep::Scratch)?;
+                    sys::mkdirat(tmpfs.as_raw_fd(), name, 0o755).at(SetupStep::Scratch)?;
                 }
                 sys::move_mount_path(tmpfs.as_raw_fd(), &scratch.mount_point).at(SetupStep::Scratch)?;
             }
@@ -698,9 +694,7 @@ fn mounts(plan: &ChildPlan) -> StepResult {
             .at(SetupStep::DeviceNodes)?;
     }
     for (name, mode) in [(c"pts", 0o755), (c"shm", 0o1777), (c"mqueue", 0o755)] {
-        // SAFETY: as above.
-        errno_of(unsafe { libc::mkdirat(dev_fd, name.as_ptr(), mode) } as libc::c_long)
-            .at(SetupStep::DeviceNodes)?;
+        sys::mkdirat(dev_fd, name, mode).at(SetupStep::DeviceNodes)?;
     }
     sys::move_mount_fd(dev_fd, dev_target.as_raw_fd()).at(SetupStep::MountDev)?;
 

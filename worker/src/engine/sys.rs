@@ -355,3 +355,9 @@ pub(super) fn register_pidfd(pidfd: OwnedFd) -> std::io::Result<tokio::io::unix:
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
         .map_err(std::io::Error::from)
 }
+
+/// mkdirat(2) of one name relative to a directory descriptor.
+pub(super) fn mkdirat(dirfd: RawFd, name: &CStr, mode: libc::mode_t) -> Result<(), Errno> {
+    // SAFETY: name is NUL-terminated.
+    check(unsafe { libc::mkdirat(dirfd, name.as_ptr(), mode) } as libc::c_long).map(drop)
+}
