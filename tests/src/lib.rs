@@ -13,10 +13,26 @@ use std::sync::OnceLock;
 pub fn busybox_rootfs() -> &'static Path {
     static ROOTFS: OnceLock<PathBuf> = OnceLock::new();
     ROOTFS.get_or_init(|| {
+        remove_stale_rootfs();
         let dir = PathBuf::from(format!("/tmp/quilt-test-rootfs-{}", std::process::id()));
         build_busybox_rootfs(&dir);
         dir
     })
+}
+
+/// The rootfs fixture outlives its test process (nothing runs at exit), so
+/// each run removes those of test processes that are gone.
+fn remove_stale_rootfs() {
+    let Ok(entries) = std::fs::read_dir("/tmp") else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("quilt-test-rootfs-").and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Build a minimal busybox root filesystem at `dir`.

@@ -198,7 +198,7 @@ pub enum SpecError {
     #[error("root filesystem {0:?} does not exist or is not a directory")]
     RootMissing(PathBuf),
     /// A layer path is relative or holds a character overlayfs cannot take.
-    #[error("root filesystem path {0:?} must be absolute and must not contain ',' ':' or '\\n'")]
+    #[error("root filesystem path {0:?} must be absolute and must not contain ',' ':' '\\' or a newline")]
     RootPath(PathBuf),
     /// Empty command.
     #[error("no command given")]
@@ -288,7 +288,7 @@ impl ContainerSpec {
         }
         for layer in &self.root.layers {
             let text = layer.to_string_lossy();
-            if !layer.is_absolute() || text.contains([',', ':', '\n']) {
+            if !layer.is_absolute() || text.contains([',', ':', '\n', '\\']) {
                 return Err(SpecError::RootPath(layer.clone()));
             }
             if !layer.is_dir() {
