@@ -173,7 +173,7 @@ pub enum UnavailableLimits {
 struct Shared {
     config: EngineConfig,
     cgroups: CgroupRoot,
-    seccomp: seccompiler::BpfProgram,
+    seccomp: seccomp::BpfProgram,
     last_capability: u32,
     machine: MachineSize,
 }
