@@ -291,6 +291,7 @@ impl Engine {
             timed_out: false,
             created_at,
             started_at: None,
+            exec_at: None,
             exited_at: None,
         })
     }
@@ -349,6 +350,8 @@ pub struct Container {
     timed_out: bool,
     created_at: Instant,
     started_at: Option<Instant>,
+    /// When the command's exec was confirmed (end of file on the report pipe).
+    exec_at: Option<Instant>,
     exited_at: Option<Instant>,
 }
 
@@ -468,7 +471,10 @@ impl Container {
             filled += read;
         }
         match filled {
-            0 => Ok(()),
+            0 => {
+                self.exec_at = Some(Instant::now());
+                Ok(())
+            }
             REPORT_SIZE => {
                 let code = u32::from_ne_bytes([buffer[0], buffer[1], buffer[2], buffer[3]]);
                 let errno = i32::from_ne_bytes([buffer[4], buffer[5], buffer[6], buffer[7]]);
@@ -591,8 +597,8 @@ impl Container {
                 .map_err(|source| EngineError::StateDirectory { path: dir, source })?;
         }
         let finished = Instant::now();
-        let started = self.started_at.unwrap_or(finished);
         let exited = self.exited_at.unwrap_or(teardown_start);
+        let exec = self.exec_at.unwrap_or(exited);
         let (exit_code, signal) = match self.exit {
             Some(ExitStatus::Exited(code)) => (Some(code), None),
             Some(ExitStatus::Signaled(signal)) => (None, Some(signal)),
@@ -606,8 +612,8 @@ impl Container {
             timed_out: self.timed_out,
             pids_limit_hit,
             timings: Timings {
-                setup_ms: millis(started.saturating_duration_since(self.created_at)),
-                run_ms: millis(exited.saturating_duration_since(started)),
+                setup_ms: millis(exec.saturating_duration_since(self.created_at)),
+                run_ms: millis(exited.saturating_duration_since(exec)),
                 teardown_ms: millis(finished.saturating_duration_since(exited)),
                 total_ms: millis(finished.saturating_duration_since(self.created_at)),
             },
