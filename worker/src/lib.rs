@@ -6,9 +6,11 @@
 //! over it. Components (see DESIGN.md in the project's shared docs):
 //!
 //! - [`engine`]: containers: namespaces, cgroups, rootfs, process spawn, wait, kill.
+//! - [`image`]: the OCI content store, image import, layer unpacking.
 //!
 //! `unsafe` lives only in the engine's syscall layer.
 
 #![deny(unsafe_code)]
 
 pub mod engine;
+pub mod image;

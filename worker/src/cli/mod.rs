@@ -1,6 +1,7 @@
 //! Flags, environment variables and subcommands. Parses the command line,
 //! sets up logging and hands off to one module per verb.
 
+mod image;
 mod run;
 
 use std::path::PathBuf;
@@ -26,7 +27,10 @@ pub(crate) struct Cli {
 #[derive(Subcommand, Debug)]
 pub(crate) enum Command {
     /// Run a command in a new container and exit with its exit code.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
+    /// Manage the local image store.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 /// Parse, run, map the result to an exit code.
@@ -34,10 +38,19 @@ pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
-        Command::Run(args) => run::run(&cli.data_dir, args),
+        Command::Run(args) => run::run(&cli.data_dir, *args),
+        Command::Image(command) => image::run(&cli.data_dir, command),
     };
     match result {
         Ok(code) => ExitCode::from(code),
+        // A closed stdout (`quilt image ls | head -1`) is the reader's choice, not an error.
+        Err(error)
+            if error
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(error) => {
             eprintln!("quilt: {}", one_line(&error));
             ExitCode::from(EXIT_QUILT_ERROR)

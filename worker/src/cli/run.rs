@@ -16,6 +16,7 @@ use quilt::engine::{
     load_bundle, parse_cpus, parse_duration, parse_size, validate_env_name, ContainerSpec, Engine,
     EngineConfig, EngineError, NetworkMode, Outcome, OutputFollower, SetupStep, Status, UnavailableLimits,
 };
+use quilt::image::{container_command, resolve_user, ImageRecord, ImageStore, Lease};
 
 /// Exit code for a container killed on its timeout.
 pub(crate) const EXIT_TIMED_OUT: u8 = 124;
@@ -27,8 +28,12 @@ pub(crate) struct RunArgs {
     /// Run on this machine with the engine directly, without NATS.
     #[arg(long)]
     local: bool,
+    /// Image from the local store (see `quilt image`); its Env, WorkingDir,
+    /// Entrypoint/Cmd and User apply unless overridden.
+    #[arg(long, conflicts_with_all = ["rootfs", "bundle"])]
+    image: Option<String>,
     /// Root filesystem directory (used read-only; writes go to a private layer).
-    #[arg(long, conflicts_with = "bundle", required_unless_present = "bundle")]
+    #[arg(long, conflicts_with = "bundle", required_unless_present_any = ["bundle", "image"])]
     rootfs: Option<PathBuf>,
     /// OCI runtime bundle directory (config.json plus its root).
     #[arg(long)]
@@ -98,9 +103,31 @@ pub(crate) fn run(data_dir: &Path, args: RunArgs) -> anyhow::Result<u8> {
     runtime.block_on(run_local(data_dir, args))
 }
 
-fn build_spec(args: &RunArgs) -> anyhow::Result<ContainerSpec> {
+fn build_spec(args: &RunArgs, image: Option<&ImageRoot>) -> anyhow::Result<ContainerSpec> {
     let id = args.name.clone().unwrap_or_else(generate_id);
-    let mut spec = if let Some(bundle) = &args.bundle {
+    let mut spec = if let Some(image) = image {
+        let config = &image.record.config;
+        let command = container_command(config, &args.command);
+        if command.is_empty() {
+            bail!("no command: image {} has no Entrypoint or Cmd; give one after --", image.record.name);
+        }
+        let mut spec = ContainerSpec::new(id, image.layers.clone(), command);
+        spec.network = args.network.parse()?;
+        for entry in &config.env {
+            if let Some((name, value)) = entry.split_once('=') {
+                spec.env.push((name.to_owned(), value.to_owned()));
+            }
+        }
+        if let Some(workdir) = &config.working_dir {
+            spec.workdir = workdir.clone();
+        }
+        if let Some(user) = &config.user {
+            let (uid, gid) = resolve_user(&image.layers, user)?;
+            spec.user.uid = uid;
+            spec.user.gid = gid;
+        }
+        spec
+    } else if let Some(bundle) = &args.bundle {
         let mut spec = load_bundle(bundle, &id)?;
         if !args.command.is_empty() {
             spec.command = args.command.clone();
@@ -200,8 +227,23 @@ fn generate_id() -> String {
     format!("run-{}-{:08x}", std::process::id(), nanos)
 }
 
+/// An image's layers, held for the container's lifetime.
+struct ImageRoot {
+    record: ImageRecord,
+    layers: Vec<PathBuf>,
+    _lease: Lease,
+}
+
+fn image_root(data_dir: &Path, name: &str) -> anyhow::Result<ImageRoot> {
+    let store = ImageStore::open(data_dir).context("opening the image store")?;
+    let record = store.find(name)?;
+    let (layers, lease) = store.lease(&record)?;
+    Ok(ImageRoot { record, layers, _lease: lease })
+}
+
 async fn run_local(data_dir: &Path, args: RunArgs) -> anyhow::Result<u8> {
-    let spec = build_spec(&args)?;
+    let image = args.image.as_deref().map(|name| image_root(data_dir, name)).transpose()?;
+    let spec = build_spec(&args, image.as_ref())?;
     let engine = Engine::new(EngineConfig {
         state_dir: data_dir.join("containers"),
         cgroup_parent: "quilt".to_owned(),
