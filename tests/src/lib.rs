@@ -5,6 +5,8 @@
 //! These tests need root, a real kernel and `busybox` on PATH (Debian's
 //! busybox-static); `.ci/run` installs what they need.
 
+pub mod images;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
