@@ -4,5 +4,6 @@
 mod bad_input;
 mod bundle;
 mod cgroup_v2;
+mod images;
 mod isolation;
 mod limits;

@@ -103,6 +103,10 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
+        // QUILT_TEST_KEEP=1 keeps it for a post-mortem.
+        if std::env::var_os("QUILT_TEST_KEEP").is_some() {
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }

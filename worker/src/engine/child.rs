@@ -231,7 +231,11 @@ pub(super) enum RootPlan {
     /// overlayfs: the layers read-only, a private upper directory; with
     /// `memory_scratch`, upper and work directories live on a tmpfs that
     /// exists only in the container's mount namespace.
-    Overlay { lowerdir: CString, upper: Option<(CString, CString)>, memory_scratch: Option<MemoryScratch> },
+    ///
+    /// Mounted with mount(2) rather than fsconfig, whose string values are
+    /// capped at 256 bytes; the layers are named relative to `layer_dir` (their
+    /// common parent, entered first) so that a page of options holds dozens.
+    Overlay { options: CString, layer_dir: Option<CString>, memory_scratch: Option<MemoryScratch> },
     /// A read-only bind of a single directory (a read-only root of several
     /// layers is an overlay without `upper`).
     ReadOnlyBind { source: CString },
@@ -319,12 +323,10 @@ impl ChildPlan {
         let root = if spec.root.read_only && spec.root.layers.len() == 1 {
             RootPlan::ReadOnlyBind { source: c_path(&spec.root.layers[0]) }
         } else {
-            let lower: Vec<String> =
-                spec.root.layers.iter().map(|p| p.to_string_lossy().into_owned()).collect();
-            let upper = (!spec.root.read_only).then(|| (c_path(&paths.upper), c_path(&paths.work)));
+            let (options, layer_dir) = overlay_options(spec, paths);
             RootPlan::Overlay {
-                lowerdir: c_string(lower.join(":")),
-                upper,
+                options: c_string(options),
+                layer_dir: layer_dir.map(|dir| c_path(&dir)),
                 memory_scratch: paths.memory_scratch.as_ref().map(|(mount_point, size)| MemoryScratch {
                     size: c_string(size.to_string()),
                     mount_point: c_path(mount_point),
@@ -409,6 +411,34 @@ pub(super) fn spawn(plan: &ChildPlan, namespaces: u64, cgroup_dir: Option<RawFd>
     // SAFETY: clone3 with CLONE_PIDFD stored a new descriptor that we own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     Ok(Spawned { pid, pidfd })
+}
+
+/// Most bytes of overlay options one mount(2) takes (a page).
+pub(super) const MAX_OVERLAY_OPTIONS: usize = 4095;
+
+/// The overlay mount options for a spec, and the directory the lower layers
+/// are named relative to (their common parent, when they have one).
+pub(super) fn overlay_options(
+    spec: &ContainerSpec,
+    paths: &RootPaths,
+) -> (String, Option<std::path::PathBuf>) {
+    let layers = &spec.root.layers;
+    let common = layers
+        .first()
+        .and_then(|first| first.parent())
+        .filter(|parent| layers.iter().all(|layer| layer.parent() == Some(*parent)));
+    let lower: Vec<String> = layers
+        .iter()
+        .map(|layer| match common {
+            Some(_) => layer.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            None => layer.to_string_lossy().into_owned(),
+        })
+        .collect();
+    let mut options = format!("lowerdir={}", lower.join(":"));
+    if !spec.root.read_only {
+        options.push_str(&format!(",upperdir={},workdir={}", paths.upper.display(), paths.work.display()));
+    }
+    (options, common.map(|dir| dir.to_path_buf()))
 }
 
 /// A failed step with its errno.
@@ -634,7 +664,7 @@ fn mounts(plan: &ChildPlan) -> StepResult {
     .at(SetupStep::MountPropagation)?;
 
     let root = match &plan.root {
-        RootPlan::Overlay { lowerdir, upper, memory_scratch } => {
+        RootPlan::Overlay { options, layer_dir, memory_scratch } => {
             if let Some(scratch) = memory_scratch {
                 let tmpfs = new_mount(
                     c"tmpfs",
@@ -647,26 +677,32 @@ fn mounts(plan: &ChildPlan) -> StepResult {
                 }
                 sys::move_mount_path(tmpfs.as_raw_fd(), &scratch.mount_point).at(SetupStep::Scratch)?;
             }
-            match upper {
-                Some((upperdir, workdir)) => new_mount(
-                    c"overlay",
-                    &[(c"lowerdir", lowerdir), (c"upperdir", upperdir), (c"workdir", workdir)],
-                    sys::MOUNT_ATTR_NODEV,
-                    SetupStep::RootMount,
-                )?,
-                None => new_mount(
-                    c"overlay",
-                    &[(c"lowerdir", lowerdir)],
-                    sys::MOUNT_ATTR_NODEV,
-                    SetupStep::RootMount,
-                )?,
+            if let Some(dir) = layer_dir {
+                // SAFETY: dir is NUL-terminated.
+                errno_of(unsafe { libc::chdir(dir.as_ptr()) } as libc::c_long).at(SetupStep::RootMount)?;
             }
+            // SAFETY: all strings are NUL-terminated; the target is a
+            // runtime-owned directory in this private mount namespace.
+            errno_of(unsafe {
+                libc::mount(
+                    c"overlay".as_ptr(),
+                    plan.root_target.as_ptr(),
+                    c"overlay".as_ptr(),
+                    libc::MS_NODEV,
+                    options.as_ptr().cast(),
+                )
+            } as libc::c_long)
+            .at(SetupStep::RootMount)?;
+            sys::openat2(libc::AT_FDCWD, &plan.root_target, libc::O_PATH | libc::O_DIRECTORY, 0)
+                .at(SetupStep::RootMount)?
         }
         RootPlan::ReadOnlyBind { source } => {
-            sys::open_tree(libc::AT_FDCWD, source, sys::OPEN_TREE_CLONE).at(SetupStep::RootMount)?
+            let tree =
+                sys::open_tree(libc::AT_FDCWD, source, sys::OPEN_TREE_CLONE).at(SetupStep::RootMount)?;
+            sys::move_mount_path(tree.as_raw_fd(), &plan.root_target).at(SetupStep::RootMount)?;
+            tree
         }
     };
-    sys::move_mount_path(root.as_raw_fd(), &plan.root_target).at(SetupStep::RootMount)?;
     let root_fd = root.as_raw_fd();
 
     let proc_target = mount_target(root_fd, c"proc", SetupStep::MountProc)?;

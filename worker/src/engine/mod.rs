@@ -126,6 +126,9 @@ pub enum EngineError {
     /// Signalling the container.
     #[error("signalling the container")]
     Kill(#[source] Errno),
+    /// More layers than one overlay mount can name.
+    #[error("{0} layers are more than one overlay mount can stack here (its options must fit in a page)")]
+    TooManyLayers(usize),
     /// The call does not fit the container's state.
     #[error("container is {0}")]
     State(&'static str),
@@ -246,6 +249,13 @@ impl Engine {
     pub fn create(&self, spec: ContainerSpec) -> Result<Container, EngineError> {
         let created_at = Instant::now();
         spec.validate(&self.shared.machine)?;
+        let state_dir = &self.shared.config.state_dir;
+        let disk_dir =
+            (spec.root.scratch == Scratch::Disk && !spec.root.read_only).then(|| state_dir.join(&spec.id));
+        let (options, _) = child::overlay_options(&spec, &root_paths(state_dir, disk_dir.as_deref(), &spec));
+        if options.len() > child::MAX_OVERLAY_OPTIONS {
+            return Err(EngineError::TooManyLayers(spec.root.layers.len()));
+        }
         let cgroups = &self.shared.cgroups;
         let enforce = |controller| {
             self.shared.config.unavailable_limits == UnavailableLimits::Refuse
@@ -265,8 +275,6 @@ impl Engine {
             }
             Err(error) => return Err(error.into()),
         };
-        let disk_dir = (spec.root.scratch == Scratch::Disk && !spec.root.read_only)
-            .then(|| self.shared.config.state_dir.join(&spec.id));
         if let Some(dir) = &disk_dir {
             let made = ["", "rootfs", "upper", "work"].into_iter().try_for_each(|sub| {
                 let path = if sub.is_empty() { dir.clone() } else { dir.join(sub) };
@@ -355,6 +363,36 @@ pub struct Container {
     exited_at: Option<Instant>,
 }
 
+/// Where a container's root is assembled: for disk scratch, directories under
+/// its own state directory; otherwise the engine's state directory, which each
+/// container covers with its own tmpfs (or its read-only root) inside its own
+/// private mount namespace.
+fn root_paths(state_dir: &Path, disk_dir: Option<&Path>, spec: &ContainerSpec) -> RootPaths {
+    match disk_dir {
+        Some(dir) => RootPaths {
+            target: dir.join("rootfs"),
+            upper: dir.join("upper"),
+            work: dir.join("work"),
+            memory_scratch: None,
+        },
+        None if spec.root.read_only => RootPaths {
+            target: state_dir.to_path_buf(),
+            upper: PathBuf::new(),
+            work: PathBuf::new(),
+            memory_scratch: None,
+        },
+        None => RootPaths {
+            target: state_dir.join("root"),
+            upper: state_dir.join("upper"),
+            work: state_dir.join("work"),
+            memory_scratch: Some((
+                state_dir.to_path_buf(),
+                spec.limits.scratch_bytes.min(spec.limits.memory_bytes),
+            )),
+        },
+    }
+}
+
 fn pipe() -> Result<(OwnedFd, OwnedFd), EngineError> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(EngineError::Pipe)
 }
@@ -391,32 +429,7 @@ impl Container {
             AttachHandle::V2 { dir } => (Vec::new(), Some(dir)),
         };
         let state_dir = &self.engine.shared.config.state_dir;
-        let paths = match &self.disk_dir {
-            Some(dir) => RootPaths {
-                target: dir.join("rootfs"),
-                upper: dir.join("upper"),
-                work: dir.join("work"),
-                memory_scratch: None,
-            },
-            // The state directory is shared, but each container covers it
-            // with its own tmpfs (or its read-only root) in its own private
-            // mount namespace.
-            None if self.spec.root.read_only => RootPaths {
-                target: state_dir.clone(),
-                upper: PathBuf::new(),
-                work: PathBuf::new(),
-                memory_scratch: None,
-            },
-            None => RootPaths {
-                target: state_dir.join("root"),
-                upper: state_dir.join("upper"),
-                work: state_dir.join("work"),
-                memory_scratch: Some((
-                    state_dir.clone(),
-                    self.spec.limits.scratch_bytes.min(self.spec.limits.memory_bytes),
-                )),
-            },
-        };
+        let paths = root_paths(state_dir, self.disk_dir.as_deref(), &self.spec);
         let plan = ChildPlan::prepare(
             &self.spec,
             &paths,
