@@ -358,9 +358,9 @@ fn import_rootfs_tarball(store: &ImageStore, path: &Path, name: &str) -> Result<
     };
     let file = File::open(path).map_err(|source| ImageError::Io { path: path.to_owned(), source })?;
     let (digest, size) = store.write_blob(file, None)?;
-    // The diff_id is only known once the layer is unpacked: unpack it under a
-    // provisional record, then write the config that names it.
-    let diff_id = uncompressed_digest(store, &digest)?;
+    // The diff_id is only known once the layer is unpacked: unpack it first,
+    // then write the config that names it.
+    let (_, diff_id) = store.unpack_blob(&digest, media_type, None)?;
     let config = serde_json::json!({
         "architecture": host_architecture(),
         "os": "linux",
@@ -373,24 +373,6 @@ fn import_rootfs_tarball(store: &ImageStore, path: &Path, name: &str) -> Result<
     let manifest = synthesize_manifest(&config_bytes, &layers);
     let manifest_digest = store.write_blob_bytes(&manifest)?;
     commit(store, name, manifest_digest, &config_bytes, layers)
-}
-
-/// sha256 of a stored blob after decompression.
-fn uncompressed_digest(store: &ImageStore, digest: &str) -> Result<String, ImageError> {
-    use sha2::{Digest as _, Sha256};
-    let path = store.blob_path(digest)?;
-    let mut reader = open_tar(&path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 256 * 1024];
-    loop {
-        let read =
-            reader.read(&mut buffer).map_err(|source| ImageError::Io { path: path.clone(), source })?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-    }
-    Ok(format!("sha256:{}", hasher.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>()))
 }
 
 fn synthesize_manifest(config: &[u8], layers: &[(String, String, u64)]) -> Vec<u8> {

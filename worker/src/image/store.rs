@@ -240,9 +240,21 @@ impl ImageStore {
         if target.is_dir() {
             return Ok(target);
         }
-        let blob = self.blob_path(&layer.digest)?;
+        self.unpack_blob(&layer.digest, &layer.media_type, Some(&layer.diff_id)).map(|(path, _)| path)
+    }
+
+    /// Unpack a layer blob into the snapshot named by its diff_id, which is
+    /// computed while unpacking and, when `expected_diff_id` is given, must
+    /// match it. Returns the snapshot and the diff_id.
+    pub fn unpack_blob(
+        &self,
+        digest: &str,
+        media_type: &str,
+        expected_diff_id: Option<&str>,
+    ) -> Result<(PathBuf, String), ImageError> {
+        let blob = self.blob_path(digest)?;
         let mut file = File::open(&blob).map_err(io_error(&blob))?;
-        let compression = match Compression::from_media_type(&layer.media_type) {
+        let compression = match Compression::from_media_type(media_type) {
             Some(compression) => compression,
             None => {
                 let mut head = [0u8; 4];
@@ -254,31 +266,35 @@ impl ImageStore {
         let tmp = self.tmp_path("snapshot");
         std::fs::create_dir(&tmp).map_err(io_error(&tmp))?;
         let result = unpack_layer(std::io::BufReader::new(file), compression, &tmp, &UnpackLimits::default())
-            .map_err(|source| ImageError::Unpack { layer: layer.digest.clone(), source })
+            .map_err(|source| ImageError::Unpack { layer: digest.to_owned(), source })
             .and_then(|report| {
-                tracing::debug!(layer = %layer.digest, entries = report.entries, bytes = report.bytes, "layer unpacked");
+                tracing::debug!(layer = %digest, entries = report.entries, bytes = report.bytes, "layer unpacked");
                 for neutralised in &report.neutralised {
-                    tracing::warn!(layer = %layer.digest, path = %neutralised.path, reason = neutralised.reason, "layer entry neutralised");
+                    tracing::warn!(layer = %digest, path = %neutralised.path, reason = neutralised.reason, "layer entry neutralised");
                 }
-                if report.diff_id != layer.diff_id {
-                    return Err(ImageError::DiffIdMismatch {
-                        layer: layer.digest.clone(),
-                        expected: layer.diff_id.clone(),
+                match expected_diff_id {
+                    Some(expected) if expected != report.diff_id => Err(ImageError::DiffIdMismatch {
+                        layer: digest.to_owned(),
+                        expected: expected.to_owned(),
                         actual: report.diff_id,
-                    });
+                    }),
+                    _ => Ok(report.diff_id),
                 }
-                Ok(())
-            });
-        if let Err(error) = result {
-            let _ = remove_any(&tmp);
-            return Err(error);
-        }
+            })
+            .and_then(|diff_id| Ok((self.snapshot_path(&diff_id)?, diff_id)));
+        let (target, diff_id) = match result {
+            Ok(done) => done,
+            Err(error) => {
+                let _ = remove_any(&tmp);
+                return Err(error);
+            }
+        };
         match std::fs::rename(&tmp, &target) {
-            Ok(()) => Ok(target),
-            // Another process finished the same snapshot first.
+            Ok(()) => Ok((target, diff_id)),
+            // Another process (or an earlier import) has the same snapshot.
             Err(_) if target.is_dir() => {
                 let _ = remove_any(&tmp);
-                Ok(target)
+                Ok((target, diff_id))
             }
             Err(source) => {
                 let _ = remove_any(&tmp);
