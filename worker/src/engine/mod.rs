@@ -7,15 +7,20 @@
 //! unpacked layers, a plain rootfs, an OCI bundle's root) and get an
 //! [`Outcome`] back.
 //!
-//! A container's life: [`Engine::create`] validates the spec, makes its state
-//! directory (`<state>/<id>/`: overlay upper and work directories, the mount
-//! point, the captured output) and its cgroup with the limits set;
+//! A container's life: [`Engine::create`] validates the spec and makes its
+//! cgroup with the limits set (and, for disk scratch only, a state directory
+//! `<state>/<id>/` with the overlay upper and work directories; by default
+//! the writable layer is a tmpfs inside the container's mount namespace and
+//! captured output goes to anonymous files, so nothing per container exists
+//! on the host's disk);
 //! [`Container::start`] clones the setup process straight into fresh pid,
 //! mount, uts, ipc, cgroup and (unless `network: host`) net namespaces, which
 //! builds the root and execs the command (see the `child` module for the
 //! exact order); [`Container::wait`] waits on the pidfd and enforces the
 //! wall-clock timeout by killing the whole cgroup; [`Container::finish`]
 //! reads usage and OOM counters from the cgroup, then removes everything.
+//! (Removing the cgroup can wait, bounded at 2 s, for killed processes to
+//! finish exiting; that wait blocks the calling thread.)
 //! All mounts live only in the container's own mount namespace, so they
 //! vanish with its last process even if the runtime itself is killed.
 //!
