@@ -4,6 +4,7 @@
 mod bad_input;
 mod bundle;
 mod cgroup_v2;
+mod debian;
 mod images;
 mod isolation;
 mod limits;

@@ -191,3 +191,31 @@ pub fn processes_matching(needle: &str) -> Vec<u32> {
     }
     found
 }
+
+/// A Debian bookworm root filesystem with python3, as an uncompressed
+/// tarball built by mmdebstrap from Debian's mirror. Built once per machine
+/// and kept outside the repository (`QUILT_TEST_CACHE`, default
+/// `/var/cache/quilt-tests`); concurrent test processes wait on a lock.
+pub fn debian_python_tarball() -> PathBuf {
+    let cache = std::env::var_os("QUILT_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/quilt-tests"));
+    std::fs::create_dir_all(&cache).unwrap();
+    let tarball = cache.join("debian-bookworm-python3.tar");
+    let lock_file = std::fs::File::create(cache.join("debian-bookworm-python3.lock")).unwrap();
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    if !tarball.is_file() {
+        // mmdebstrap picks its output format from the extension: keep `.tar`.
+        let partial = cache.join("debian-bookworm-python3.partial.tar");
+        let _ = std::fs::remove_dir_all(&partial);
+        let _ = std::fs::remove_file(&partial);
+        let status = Command::new("mmdebstrap")
+            .args(["--variant=apt", "--include=python3", "--mode=root", "--quiet", "bookworm"])
+            .arg(&partial)
+            .status()
+            .expect("mmdebstrap not installed: apt-get install -y mmdebstrap");
+        assert!(status.success(), "mmdebstrap failed ({status}); it needs Debian's mirror");
+        std::fs::rename(&partial, &tarball).unwrap();
+    }
+    tarball
+}
