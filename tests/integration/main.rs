@@ -8,3 +8,4 @@ mod debian;
 mod images;
 mod isolation;
 mod limits;
+mod registry;

@@ -1,15 +1,17 @@
-//! `quilt image import|ls|inspect|rm|prune`: the local image store.
+//! `quilt image pull|import|ls|inspect|rm|prune`: the local image store.
 
 use std::path::{Path, PathBuf};
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use quilt::image::{ImageRecord, ImageStore};
+use quilt::image::{ImageRecord, ImageStore, PullOptions};
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum ImageCommand {
+    /// Pull an image from a registry (verified, resumable) and unpack it.
+    Pull(PullArgs),
     /// Import an OCI image layout (directory or tarball), a docker-archive
     /// tarball, or a rootfs tarball (as a one-layer image).
     Import(ImportArgs),
@@ -40,6 +42,23 @@ pub(crate) struct ImportArgs {
 }
 
 #[derive(Args, Debug)]
+pub(crate) struct PullArgs {
+    /// Image reference, e.g. busybox, ghcr.io/org/tool:1 or localhost:5000/x@sha256:...
+    name: String,
+    /// A registry (host or host:port) to reach over plain HTTP; loopback
+    /// registries always are (repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    insecure_registries: Vec<String>,
+    /// Docker config.json with credentials (`auths`); default
+    /// $HOME/.docker/config.json when it exists.
+    #[arg(long, value_name = "FILE")]
+    credentials: Option<PathBuf>,
+    /// Give up when the download is not done within this (`30s`, `10m`); unpacking is not counted.
+    #[arg(long, value_name = "DUR", default_value = "10m")]
+    timeout: String,
+}
+
+#[derive(Args, Debug)]
 pub(crate) struct ListArgs {
     /// Print JSON records instead of a table.
     #[arg(long)]
@@ -50,6 +69,22 @@ pub(crate) fn run(data_dir: &Path, command: ImageCommand) -> anyhow::Result<u8> 
     let mut out = std::io::stdout().lock();
     let store = ImageStore::open(data_dir).context("opening the image store")?;
     match command {
+        ImageCommand::Pull(args) => {
+            let timeout =
+                quilt::engine::parse_duration(&args.timeout)
+                    .filter(|timeout| !timeout.is_zero())
+                    .with_context(|| format!("invalid --timeout {:?}: use e.g. 30s or 10m", args.timeout))?;
+            let options = PullOptions {
+                timeout,
+                insecure_registries: args.insecure_registries,
+                credentials: args.credentials,
+                progress: std::io::stderr().is_terminal(),
+                ..PullOptions::default()
+            };
+            let record =
+                store.pull(&args.name, &options).with_context(|| format!("pulling {}", args.name))?;
+            writeln!(out, "{} {}", record.name, record.manifest_digest)?;
+        }
         ImageCommand::Import(args) => {
             let record = store
                 .import(&args.path, &args.name)

@@ -9,12 +9,14 @@
 
 mod import;
 pub mod reference;
+mod registry;
 mod store;
 mod unpack;
 
 use std::path::{Path, PathBuf};
 
 pub use reference::{Reference, ReferenceError};
+pub use registry::PullOptions;
 pub use store::{ImageRecord, ImageStore, LayerRecord, Lease, PruneReport, RunConfig};
 pub use unpack::{Compression, UnpackError};
 
@@ -123,6 +125,84 @@ pub enum ImageError {
     /// The image's user cannot be resolved.
     #[error("{0}")]
     User(String),
+    /// The registry could not be reached (unknown host, refused, TLS, 5xx after retries).
+    #[error("cannot reach registry {registry}: {source}")]
+    RegistryConnect {
+        /// The registry host.
+        registry: String,
+        /// oci-client's error.
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    /// The registry or its token service refused the credentials (or their absence).
+    #[error("authentication to registry {registry} failed: {source}")]
+    RegistryAuth {
+        /// The registry host.
+        registry: String,
+        /// oci-client's error.
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    /// The registry has no manifest for the reference.
+    #[error("manifest not found: {source}")]
+    ManifestNotFound {
+        /// The reference pulled.
+        reference: String,
+        /// oci-client's error.
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    /// Fetching a manifest or index failed.
+    #[error("fetching the manifest: {source}")]
+    ManifestFetch {
+        /// The reference pulled.
+        reference: String,
+        /// oci-client's error.
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    /// A manifest or index from a registry that does not parse.
+    #[error("the manifest does not parse: {source}")]
+    ManifestParse {
+        /// The reference pulled.
+        reference: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Downloading a blob failed.
+    #[error("downloading blob {digest}: {source}")]
+    BlobFetch {
+        /// The blob.
+        digest: String,
+        /// oci-client's error.
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    /// A registry sent more bytes than the manifest announced for a blob.
+    #[error("blob {digest}: the registry sent more than the {size} bytes the manifest announced")]
+    BlobTooLarge {
+        /// The blob.
+        digest: String,
+        /// Its announced size.
+        size: u64,
+    },
+    /// A credentials file that cannot be used.
+    #[error("credentials {path}: {problem}")]
+    Credentials {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The pull did not finish in time.
+    #[error("timed out after {after:?}")]
+    PullTimeout {
+        /// The reference pulled.
+        reference: String,
+        /// The limit.
+        after: std::time::Duration,
+    },
 }
 
 impl ImageError {
@@ -130,8 +210,18 @@ impl ImageError {
     pub fn kind(&self) -> &'static str {
         match self {
             ImageError::Reference(_) | ImageError::BadDigest(_) => "invalid_reference",
-            ImageError::NotFound(_) | ImageError::NoManifest(_) => "image_not_found",
-            ImageError::DigestMismatch { .. } | ImageError::DiffIdMismatch { .. } => "digest_mismatch",
+            ImageError::NotFound(_) | ImageError::NoManifest(_) | ImageError::ManifestNotFound { .. } => {
+                "image_not_found"
+            }
+            ImageError::DigestMismatch { .. }
+            | ImageError::DiffIdMismatch { .. }
+            | ImageError::BlobTooLarge { .. } => "digest_mismatch",
+            ImageError::RegistryConnect { .. }
+            | ImageError::ManifestFetch { .. }
+            | ImageError::ManifestParse { .. }
+            | ImageError::BlobFetch { .. } => "registry",
+            ImageError::RegistryAuth { .. } | ImageError::Credentials { .. } => "registry_auth",
+            ImageError::PullTimeout { .. } => "timeout",
             ImageError::Unpack { .. } | ImageError::ArchiveEntry { .. } => "hostile_image",
             ImageError::User(_) => "invalid_user",
             _ => "image",

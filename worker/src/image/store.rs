@@ -8,6 +8,7 @@
 //! snapshots/<hex>/        a layer unpacked (hex of its diff_id), an overlayfs lower dir
 //! records/<hex>.json      one image: name, manifest, config, layers (hex of sha256(name))
 //! tmp/                    work in progress; renamed into place only when complete
+//! tmp/partial-sha256-<hex> a registry download cut off, kept so the next pull resumes it
 //! ```
 //! Everything becomes visible by an atomic rename, so a crash leaves at most
 //! files in `tmp/`, which the next open removes. A snapshot in use by a live
@@ -25,6 +26,11 @@ use sha2::{Digest as _, Sha256};
 
 use super::unpack::{unpack_layer, Compression, UnpackLimits};
 use super::ImageError;
+
+/// Name prefix of partial downloads in `tmp/` (they carry no pid: they outlive their writer).
+const PARTIAL_PREFIX: &str = "partial-sha256-";
+/// How long an abandoned partial download is kept.
+const PARTIAL_KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// One layer of an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,11 +147,18 @@ impl ImageStore {
     }
 
     /// Remove entries of `tmp/` whose writer is gone: their names carry the
-    /// writer's pid.
+    /// writer's pid. Partial downloads are kept for a week, for a pull to resume.
     fn clear_stale_tmp(&self) {
         let Ok(entries) = std::fs::read_dir(self.root.join("tmp")) else { return };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(PARTIAL_PREFIX) {
+                let age = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                if age.is_some_and(|age| age > PARTIAL_KEPT_FOR) {
+                    let _ = remove_any(&entry.path());
+                }
+                continue;
+            }
             let pid = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
             let alive = pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
             if !alive {
@@ -159,6 +172,18 @@ impl ImageStore {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         self.root.join("tmp").join(format!("{kind}-{}-{n}", std::process::id()))
+    }
+
+    /// Where an interrupted download of a blob is kept: `tmp/partial-sha256-<hex>`.
+    pub(crate) fn partial_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        Ok(self.root.join("tmp").join(format!("{PARTIAL_PREFIX}{}", sha256_hex(digest)?)))
+    }
+
+    /// Move a complete download, already verified against `digest`, into the blobs.
+    pub(crate) fn install_partial(&self, partial: &Path, digest: &str) -> Result<(), ImageError> {
+        let path = self.blob_path(digest)?;
+        File::open(partial).and_then(|file| file.sync_all()).map_err(io_error(partial))?;
+        std::fs::rename(partial, &path).map_err(io_error(&path))
     }
 
     /// Where a blob lives.
