@@ -193,6 +193,8 @@ struct Behaviour {
     token_credentials: Option<String>,
     /// Read the request, then never answer (until the client leaves, at most 30 s).
     stall: bool,
+    /// Drop `Range` headers, as a registry without range support would ignore them.
+    ignore_range: bool,
 }
 
 const TOKEN: &str = "quilt-test-token";
@@ -346,7 +348,10 @@ fn relay_one(
     let mut head = request_line.clone();
     for line in &headers {
         let lower = line.to_ascii_lowercase();
-        if !lower.starts_with("connection:") && !lower.starts_with("authorization:") {
+        let dropped = lower.starts_with("connection:")
+            || lower.starts_with("authorization:")
+            || (behaviour.ignore_range && lower.starts_with("range:"));
+        if !dropped {
             head.push_str(line);
             head.push_str("\r\n");
         }
@@ -668,4 +673,46 @@ fn a_blob_that_does_not_match_its_digest_is_not_stored() {
     let tmp: Vec<_> = std::fs::read_dir(data.path.join("images/tmp")).unwrap().flatten().collect();
     assert!(tmp.is_empty(), "left in tmp/: {:?}", tmp.iter().map(|e| e.file_name()).collect::<Vec<_>>());
     assert!(record_names(&data).is_empty());
+}
+
+#[test]
+fn a_bad_partial_file_is_redone_and_a_refused_range_starts_over() {
+    let data = TestDir::new("pull-partial");
+    let registry = Registry::start(&data.path.join("registry"));
+    let layout = data.path.join("layout");
+    let layer = busybox_layer();
+    let blob = gzip(&layer.0);
+    let digest = sha256_digest(&blob);
+    write_oci_layout(&layout, "v1", &[layer], &ImageConfig::default());
+    registry.push(&layout, "v1", "team/partial", false);
+    let tmp = data.path.join("images/tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let partial = tmp.join(format!("partial-{}", digest.replace(':', "-")));
+    let layer_requests = |relay: &Relay| -> Vec<Option<String>> {
+        relay.seen().into_iter().filter(|seen| seen.path.ends_with(&digest)).map(|seen| seen.range).collect()
+    };
+
+    // A kept prefix that is wrong: the resumed blob does not match, so it is fetched again whole.
+    let mut prefix = blob[..100_000].to_vec();
+    prefix[10] ^= 0xff;
+    std::fs::write(&partial, &prefix).unwrap();
+    let relay = Relay::start(registry.port, Behaviour::default());
+    let name = format!("{}/team/partial:v1", relay.host());
+    assert_ok(&quilt(&data, &["image", "pull", &name]));
+    assert_eq!(layer_requests(&relay), [Some("bytes=100000-".to_owned()), None]);
+    assert!(blob_stored(&data, &digest));
+    assert!(!partial.exists());
+    drop(relay);
+
+    // A registry that ignores Range answers with the whole blob: the prefix is dropped, not appended to.
+    assert_ok(&quilt(&data, &["image", "rm", &name]));
+    assert_ok(&quilt(&data, &["image", "prune"]));
+    assert!(!blob_stored(&data, &digest));
+    std::fs::write(&partial, &blob[..100_000]).unwrap();
+    let relay = Relay::start(registry.port, Behaviour { ignore_range: true, ..Behaviour::default() });
+    let name = format!("{}/team/partial:v1", relay.host());
+    assert_ok(&quilt(&data, &["image", "pull", &name]));
+    assert_eq!(layer_requests(&relay), [Some("bytes=100000-".to_owned())]);
+    assert!(blob_stored(&data, &digest));
+    assert_eq!(run_image(&data, "pull-partial", &name, &["/bin/echo", "whole"]), "whole");
 }

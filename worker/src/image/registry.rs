@@ -342,6 +342,8 @@ fn is_transient(error: &OciDistributionError) -> bool {
 /// Why one attempt at a blob failed: worth another try, or final.
 enum Attempt {
     Transient(OciDistributionError),
+    /// The blob did not match its digest after continuing a partial file.
+    ResumedMismatch(ImageError),
     Final(ImageError),
 }
 
@@ -380,7 +382,14 @@ async fn download_blob(
                 attempt += 1;
             }
             Err(Attempt::Transient(source)) => return Err(ImageError::BlobFetch { digest, source }),
-            Err(Attempt::Final(error)) => {
+            // The kept prefix may be what was wrong (a disk error, a writer
+            // that lied): one more try from the first byte decides.
+            Err(Attempt::ResumedMismatch(error)) if attempt < ATTEMPTS => {
+                tracing::warn!(%error, %digest, "resumed download does not match its digest; starting over");
+                file.set_len(0).map_err(|source| ImageError::Io { path: partial_path.clone(), source })?;
+                attempt += 1;
+            }
+            Err(Attempt::ResumedMismatch(error)) | Err(Attempt::Final(error)) => {
                 if matches!(error, ImageError::DigestMismatch { .. }) {
                     let _ = std::fs::remove_file(&partial_path);
                 }
@@ -447,6 +456,7 @@ async fn download_attempt(
         have = 0;
     }
     let mut hasher = hash_prefix(file, have).map_err(io)?;
+    let mut resumed = have > 0;
     let wanted = OciDescriptor {
         media_type: descriptor.media_type().to_string(),
         digest: digest.clone(),
@@ -470,6 +480,7 @@ async fn download_attempt(
                 file.set_len(0).map_err(io)?;
                 have = 0;
                 hasher = Sha256::new();
+                resumed = false;
             }
             stream
         }
@@ -510,7 +521,8 @@ async fn download_attempt(
     }
     let actual = format!("sha256:{}", hex(&hasher.finalize()));
     if actual != digest {
-        return Err(Attempt::Final(ImageError::DigestMismatch { expected: digest, actual }));
+        let error = ImageError::DigestMismatch { expected: digest, actual };
+        return Err(if resumed { Attempt::ResumedMismatch(error) } else { Attempt::Final(error) });
     }
     Ok(())
 }
