@@ -716,3 +716,42 @@ fn a_bad_partial_file_is_redone_and_a_refused_range_starts_over() {
     assert!(blob_stored(&data, &digest));
     assert_eq!(run_image(&data, "pull-partial", &name, &["/bin/echo", "whole"]), "whole");
 }
+
+#[test]
+fn concurrent_pulls_of_one_image_download_each_blob_once() {
+    let data = TestDir::new("pull-concurrent");
+    let registry = Registry::start(&data.path.join("registry"));
+    let layout = data.path.join("layout");
+    let big = random_layer(2 * 1024 * 1024);
+    let big_digest = sha256_digest(&gzip(&big));
+    write_oci_layout(
+        &layout,
+        "v1",
+        &[busybox_layer(), (big, LayerCompression::Gzip)],
+        &ImageConfig::default(),
+    );
+    registry.push(&layout, "v1", "team/shared", false);
+    let relay = Relay::start(
+        registry.port,
+        Behaviour { throttle: Some(Duration::from_millis(5)), ..Behaviour::default() },
+    );
+    let name = format!("{}/team/shared:v1", relay.host());
+    let spawn = || {
+        Command::new(quilt_binary())
+            .arg("--data-dir")
+            .arg(&data.path)
+            .args(["image", "pull", &name])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (spawn(), spawn());
+    for child in [first, second] {
+        assert_ok(&wait_bounded(child, COMMAND_DEADLINE, &["image", "pull", &name]));
+    }
+    let fetched = relay.seen().into_iter().filter(|seen| seen.path.ends_with(&big_digest)).count();
+    assert_eq!(fetched, 1, "the big layer was downloaded {fetched} times");
+    assert!(blob_stored(&data, &big_digest));
+    assert_eq!(run_image(&data, "pull-concurrent", &name, &["/bin/echo", "ok"]), "ok");
+}
