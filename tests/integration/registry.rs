@@ -149,12 +149,14 @@ impl Registry {
 
     /// Push the OCI layout `layout:tag` as `<repo>:<tag>`.
     fn push(&self, layout: &Path, tag: &str, repo: &str, all: bool) {
-        let mut command = Command::new("skopeo");
-        command.args(["copy", "--quiet", "--dest-tls-verify=false"]);
-        if all {
-            command.arg("--all");
-        }
-        let output = command
+        self.push_with(layout, tag, repo, if all { &["--all"] } else { &[] });
+    }
+
+    /// [`Registry::push`] with more skopeo flags.
+    fn push_with(&self, layout: &Path, tag: &str, repo: &str, flags: &[&str]) {
+        let output = Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .args(flags)
             .arg(format!("oci:{}:{tag}", layout.display()))
             .arg(format!("docker://{}/{repo}:{tag}", self.host()))
             .output()
@@ -754,4 +756,46 @@ fn concurrent_pulls_of_one_image_download_each_blob_once() {
     assert_eq!(fetched, 1, "the big layer was downloaded {fetched} times");
     assert!(blob_stored(&data, &big_digest));
     assert_eq!(run_image(&data, "pull-concurrent", &name, &["/bin/echo", "ok"]), "ok");
+}
+
+#[test]
+fn docker_schema_2_manifests_pull_too() {
+    let data = TestDir::new("pull-docker");
+    let registry = Registry::start(&data.path.join("registry"));
+    let layout = data.path.join("layout");
+    let config =
+        ImageConfig { cmd: Some(vec!["/bin/echo".into(), "docker-format".into()]), ..ImageConfig::default() };
+    write_oci_layout(&layout, "v1", &[busybox_layer()], &config);
+    registry.push_with(&layout, "v1", "team/docker", &["--format", "v2s2"]);
+    let manifest = http_get_body(
+        registry.port,
+        "/v2/team/docker/manifests/v1",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    );
+    assert!(
+        manifest.contains("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+        "not a Docker manifest: {manifest}"
+    );
+    let name = format!("{}/team/docker:v1", registry.host());
+    let output = quilt(&data, &["image", "pull", &name]);
+    assert_ok(&output);
+    let record = quilt(&data, &["image", "inspect", &name]);
+    assert_ok(&record);
+    assert!(text(&record.stdout).contains("application/vnd.docker.image.rootfs.diff.tar.gzip"));
+    let output = quilt(&data, &["run", "--local", "--name", "pull-docker", "--image", &name]);
+    assert_ok(&output);
+    assert_nothing_left(&data, "quilt", "pull-docker");
+    assert_eq!(text(&output.stdout), "docker-format");
+}
+
+/// GET with an Accept header; the body.
+fn http_get_body(port: u16, path: &str, accept: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {accept}\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).into_owned();
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
 }
