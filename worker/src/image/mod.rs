@@ -179,6 +179,16 @@ pub enum ImageError {
         #[source]
         source: oci_client::errors::OciDistributionError,
     },
+    /// A manifest announcing a layer larger than unpacking accepts.
+    #[error("layer {digest} is {size} bytes; layers over {limit} bytes are refused")]
+    LayerTooLarge {
+        /// The layer blob.
+        digest: String,
+        /// Its announced size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// A registry sent more bytes than the manifest announced for a blob.
     #[error("blob {digest}: the registry sent more than the {size} bytes the manifest announced")]
     BlobTooLarge {
@@ -222,7 +232,9 @@ impl ImageError {
             | ImageError::BlobFetch { .. } => "registry",
             ImageError::RegistryAuth { .. } | ImageError::Credentials { .. } => "registry_auth",
             ImageError::PullTimeout { .. } => "timeout",
-            ImageError::Unpack { .. } | ImageError::ArchiveEntry { .. } => "hostile_image",
+            ImageError::Unpack { .. }
+            | ImageError::ArchiveEntry { .. }
+            | ImageError::LayerTooLarge { .. } => "hostile_image",
             ImageError::User(_) => "invalid_user",
             _ => "image",
         }

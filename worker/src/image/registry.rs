@@ -32,6 +32,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::import::{commit, pick_platform};
 use super::store::{sha256_of, ImageRecord, ImageStore};
+use super::unpack::UnpackLimits;
 use super::{host_architecture, ImageError, Reference};
 
 /// Manifest media types asked for, OCI and Docker v2 schema 2.
@@ -178,6 +179,7 @@ async fn fetch(
         )));
     }
     let config_digest = config_descriptor.digest().to_string();
+    refuse_oversized_layers(&manifest)?;
     download_blob(store, &session, config_descriptor, None).await?;
     let config = store.read_blob(&config_digest)?;
 
@@ -206,6 +208,18 @@ async fn fetch(
         .map(|layer| (layer.digest().to_string(), layer.media_type().to_string(), layer.size()))
         .collect();
     Ok(Fetched { manifest_digest, config, layers })
+}
+
+/// Refuse, before downloading anything, a manifest announcing a layer larger
+/// than unpacking would accept: a hostile registry must not fill the disk first.
+fn refuse_oversized_layers(manifest: &ImageManifest) -> Result<(), ImageError> {
+    let limit = UnpackLimits::default().max_total_bytes;
+    match manifest.layers().iter().find(|layer| layer.size() > limit) {
+        Some(layer) => {
+            Err(ImageError::LayerTooLarge { digest: layer.digest().to_string(), size: layer.size(), limit })
+        }
+        None => Ok(()),
+    }
 }
 
 /// Whether `registry` (`host:port`) is in the list, by `host:port` or by host alone.
@@ -646,6 +660,26 @@ mod tests {
         assert!(is_listed("other:5000", &list));
         assert!(!is_listed("other:5001", &list));
         assert!(!is_listed("registry.lan.evil", &list));
+    }
+
+    #[test]
+    fn layers_over_the_unpack_limit_are_refused_before_download() {
+        let manifest = |size: u64| {
+            let json = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": format!("sha256:{}", "a".repeat(64)), "size": 10},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                            "digest": format!("sha256:{}", "b".repeat(64)), "size": size}],
+            });
+            serde_json::from_value::<ImageManifest>(json).unwrap()
+        };
+        assert!(refuse_oversized_layers(&manifest(1 << 30)).is_ok());
+        assert!(matches!(
+            refuse_oversized_layers(&manifest(1 << 40)),
+            Err(ImageError::LayerTooLarge { size, .. }) if size == 1 << 40
+        ));
     }
 
     #[test]
