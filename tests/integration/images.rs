@@ -4,46 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use quilt_tests::images::busybox_layer;
 use quilt_tests::images::{
     busybox_entries, layer_tar, write_docker_archive, write_oci_layout, write_oci_layout_multiplatform,
     write_rootfs_tarball, Entry, ImageConfig, LayerCompression,
 };
-use quilt_tests::{assert_nothing_left, quilt_binary, TestDir};
-
-fn quilt(data: &TestDir, args: &[&str]) -> Output {
-    Command::new(quilt_binary()).arg("--data-dir").arg(&data.path).args(args).output().unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).trim().to_owned()
-}
+use quilt_tests::{assert_nothing_left, assert_ok, quilt, quilt_binary, run_image, text, TestDir};
 
 fn import(data: &TestDir, path: &Path, name: &str) -> Output {
     quilt(data, &["image", "import", path.to_str().unwrap(), "--name", name])
-}
-
-fn assert_ok(output: &Output) {
-    assert!(
-        output.status.success(),
-        "exit {:?}: {} {}",
-        output.status,
-        text(&output.stdout),
-        text(&output.stderr)
-    );
-}
-
-fn busybox_layer() -> (Vec<u8>, LayerCompression) {
-    (layer_tar(&busybox_entries()), LayerCompression::Gzip)
-}
-
-/// Run a container from `image` and return its stdout.
-fn run_image(data: &TestDir, id: &str, image: &str, command: &[&str]) -> String {
-    let mut args = vec!["run", "--local", "--name", id, "--image", image, "--"];
-    args.extend_from_slice(command);
-    let output = quilt(data, &args);
-    assert_ok(&output);
-    assert_nothing_left(data, "quilt", id);
-    text(&output.stdout)
 }
 
 #[test]

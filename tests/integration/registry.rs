@@ -12,54 +12,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use quilt_tests::images::busybox_layer;
 use quilt_tests::images::{
-    busybox_entries, layer_tar, sha256_digest, write_oci_layout, write_oci_layout_multiplatform, Entry,
-    ImageConfig, LayerCompression,
+    layer_tar, sha256_digest, write_oci_layout, write_oci_layout_multiplatform, Entry, ImageConfig,
+    LayerCompression,
 };
-use quilt_tests::{assert_nothing_left, quilt_binary, TestDir};
-
-/// Longest any one `quilt image pull` may take in these tests.
-const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).trim().to_owned()
-}
-
-/// Run quilt with `--data-dir`, killed (and the test failed) after [`COMMAND_DEADLINE`].
-fn quilt(data: &TestDir, args: &[&str]) -> Output {
-    let child = Command::new(quilt_binary())
-        .arg("--data-dir")
-        .arg(&data.path)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_bounded(child, COMMAND_DEADLINE, args)
-}
-
-fn wait_bounded(mut child: Child, deadline: Duration, what: &[&str]) -> Output {
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("quilt {what:?} still running after {deadline:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn assert_ok(output: &Output) {
-    assert!(
-        output.status.success(),
-        "exit {:?}: {} {}",
-        output.status,
-        text(&output.stdout),
-        text(&output.stderr)
-    );
-}
+use quilt_tests::{
+    assert_nothing_left, assert_ok, quilt, quilt_binary, run_image, text, wait_bounded, TestDir,
+    COMMAND_DEADLINE,
+};
 
 fn assert_fails_with(output: &Output, needle: &str) {
     assert_eq!(
@@ -415,20 +376,6 @@ mod base64_engine {
         }
         out
     }
-}
-
-fn busybox_layer() -> (Vec<u8>, LayerCompression) {
-    (layer_tar(&busybox_entries()), LayerCompression::Gzip)
-}
-
-/// Run a container from `image` and return its stdout.
-fn run_image(data: &TestDir, id: &str, image: &str, command: &[&str]) -> String {
-    let mut args = vec!["run", "--local", "--name", id, "--image", image, "--"];
-    args.extend_from_slice(command);
-    let output = quilt(data, &args);
-    assert_ok(&output);
-    assert_nothing_left(data, "quilt", id);
-    text(&output.stdout)
 }
 
 fn record_names(data: &TestDir) -> Vec<String> {

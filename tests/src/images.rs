@@ -604,6 +604,11 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     digest
 }
 
+/// The busybox image as one gzip layer.
+pub fn busybox_layer() -> (Vec<u8>, LayerCompression) {
+    (layer_tar(&busybox_entries()), LayerCompression::Gzip)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

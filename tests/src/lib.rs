@@ -8,8 +8,9 @@
 pub mod images;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// Where the shared busybox rootfs lives (built once per test process).
 pub fn busybox_rootfs() -> &'static Path {
@@ -218,4 +219,61 @@ pub fn debian_python_tarball() -> PathBuf {
         std::fs::rename(&partial, &tarball).unwrap();
     }
     tarball
+}
+
+/// Longest any one `quilt` command may take in the tests: it is killed, and
+/// the test fails, after this.
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Output bytes as trimmed text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim().to_owned()
+}
+
+/// Run `quilt --data-dir <data> ARGS`, bounded by [`COMMAND_DEADLINE`].
+pub fn quilt(data: &TestDir, args: &[&str]) -> Output {
+    let child = Command::new(quilt_binary())
+        .arg("--data-dir")
+        .arg(&data.path)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_bounded(child, COMMAND_DEADLINE, args)
+}
+
+/// Wait for a child, killing it (by its own handle) and failing after `deadline`.
+pub fn wait_bounded(mut child: Child, deadline: Duration, what: &[&str]) -> Output {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("quilt {what:?} still running after {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Assert a command succeeded, showing its output otherwise.
+pub fn assert_ok(output: &Output) {
+    assert!(
+        output.status.success(),
+        "exit {:?}: {} {}",
+        output.status,
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
+/// Run a container from `image`, assert it succeeded and left nothing behind, return its stdout.
+pub fn run_image(data: &TestDir, id: &str, image: &str, command: &[&str]) -> String {
+    let mut args = vec!["run", "--local", "--name", id, "--image", image, "--"];
+    args.extend_from_slice(command);
+    let output = quilt(data, &args);
+    assert_ok(&output);
+    assert_nothing_left(data, "quilt", id);
+    text(&output.stdout)
 }

@@ -328,15 +328,7 @@ fn import_docker_archive(store: &ImageStore, root: &Path, name: &str) -> Result<
     let mut layers = Vec::new();
     for layer in &entry.layers {
         let path = archive_file(root, layer)?;
-        let mut head = [0u8; 4];
-        let read = File::open(&path)
-            .and_then(|mut f| f.read(&mut head))
-            .map_err(|source| ImageError::Io { path: path.clone(), source })?;
-        let media_type = match Compression::sniff(&head[..read]) {
-            Compression::None => "application/vnd.oci.image.layer.v1.tar",
-            Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
-            Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
-        };
+        let media_type = sniff_layer_media_type(&path)?;
         let file = File::open(&path).map_err(|source| ImageError::Io { path: path.clone(), source })?;
         let (digest, size) = store.write_blob(file, None)?;
         layers.push((digest, media_type.to_owned(), size));
@@ -347,15 +339,7 @@ fn import_docker_archive(store: &ImageStore, root: &Path, name: &str) -> Result<
 }
 
 fn import_rootfs_tarball(store: &ImageStore, path: &Path, name: &str) -> Result<ImageRecord, ImageError> {
-    let mut head = [0u8; 4];
-    let read = File::open(path)
-        .and_then(|mut f| f.read(&mut head))
-        .map_err(|source| ImageError::Io { path: path.to_owned(), source })?;
-    let media_type = match Compression::sniff(&head[..read]) {
-        Compression::None => "application/vnd.oci.image.layer.v1.tar",
-        Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
-        Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
-    };
+    let media_type = sniff_layer_media_type(path)?;
     let file = File::open(path).map_err(|source| ImageError::Io { path: path.to_owned(), source })?;
     let (digest, size) = store.write_blob(file, None)?;
     // The diff_id is only known once the layer is unpacked: unpack it first,
@@ -373,6 +357,19 @@ fn import_rootfs_tarball(store: &ImageStore, path: &Path, name: &str) -> Result<
     let manifest = synthesize_manifest(&config_bytes, &layers);
     let manifest_digest = store.write_blob_bytes(&manifest)?;
     commit(store, name, manifest_digest, &config_bytes, layers)
+}
+
+/// The OCI layer media type matching a layer file's compression, sniffed.
+fn sniff_layer_media_type(path: &Path) -> Result<&'static str, ImageError> {
+    let mut head = [0u8; 4];
+    let read = File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|source| ImageError::Io { path: path.to_owned(), source })?;
+    Ok(match Compression::sniff(&head[..read]) {
+        Compression::None => "application/vnd.oci.image.layer.v1.tar",
+        Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+        Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+    })
 }
 
 fn synthesize_manifest(config: &[u8], layers: &[(String, String, u64)]) -> Vec<u8> {
