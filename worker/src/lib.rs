@@ -7,10 +7,12 @@
 //!
 //! - [`engine`]: containers: namespaces, cgroups, rootfs, process spawn, wait, kill.
 //! - [`image`]: the OCI content store, image import, layer unpacking.
+//! - [`events`]: the durable event log (redb, group commit), projections, snapshots.
 //!
 //! `unsafe` lives only in the engine's syscall layer.
 
 #![deny(unsafe_code)]
 
 pub mod engine;
+pub mod events;
 pub mod image;
