@@ -5,6 +5,7 @@ mod bad_input;
 mod bundle;
 mod cgroup_v2;
 mod debian;
+mod events;
 mod images;
 mod isolation;
 mod limits;
