@@ -11,9 +11,11 @@
 //! Durability, in plain words: when [`EventLog::append`] returns a sequence
 //! number, the event is on disk (redb `Durability::Immediate`, two-phase
 //! commit, see SECURITY.md "Delivery and state"), and a `kill -9` or a power
-//! cut at any later point leaves it readable. An append that returned an error
-//! may or may not be on disk only if the commit itself failed midway; every
-//! event reported committed is there. A snapshot and the deletion of the
+//! cut at any later point leaves it readable. An append answered with an
+//! error was not acknowledged: it may still be on disk if the commit failed
+//! after its data reached the file (a failed fsync), so a caller that retries
+//! may find it twice: events should be facts ("task t finished with 0") that a
+//! projection can fold twice without harm. A snapshot and the deletion of the
 //! events it covers are one transaction, so a crash leaves both or neither.
 //!
 //! Ordering rule (DESIGN.md "Event log"): a side effect that matters (result
@@ -240,6 +242,11 @@ impl<E: Serialize + DeserializeOwned + Send + 'static> EventLog<E> {
     pub fn open(path: &Path) -> Result<Self, EventLogError> {
         let db = Database::create(path)
             .map_err(|source| EventLogError::Open { path: path.to_path_buf(), source })?;
+        Self::start(db)
+    }
+
+    /// Creates the tables if missing and starts the writer on `db`.
+    fn start(db: Database) -> Result<Self, EventLogError> {
         let db = Arc::new(db);
         // Create the tables once, so readers never meet a missing one.
         let transaction = db.begin_write().map_err(|e| EventLogError::Begin(Arc::new(e)))?;

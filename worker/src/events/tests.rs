@@ -284,3 +284,50 @@ fn a_failed_snapshot_does_not_fail_the_appends_batched_with_it() {
     assert_eq!(seqs.len(), 10);
     assert_eq!(outcomes.1.unwrap_err().kind(), "snapshot_ahead");
 }
+
+/// Storage whose fsync fails on demand, like a disk going bad under load.
+#[derive(Debug)]
+struct FailingSync {
+    inner: redb::backends::InMemoryBackend,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl redb::StorageBackend for FailingSync {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        if self.fail.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("injected fsync failure"));
+        }
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.inner.write(offset, data)
+    }
+}
+
+#[test]
+fn a_failed_commit_answers_every_waiter_of_its_batch_with_the_error() {
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backend = FailingSync { inner: redb::backends::InMemoryBackend::new(), fail: Arc::clone(&fail) };
+    let db = redb::Builder::new().create_with_backend(backend).unwrap();
+    let log = EventLog::<u32>::start(db).unwrap();
+    assert_eq!(log.append_blocking(0).unwrap(), 1);
+    fail.store(true, Ordering::Relaxed);
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let outcomes = runtime.block_on(futures_util::future::join_all((1..=20).map(|n| log.append(n))));
+    for outcome in outcomes {
+        let error = outcome.unwrap_err();
+        assert_eq!(error.kind(), "commit", "{error}");
+        assert!(std::error::Error::source(&error).is_some());
+    }
+    assert_eq!(log.last_seq(), 1);
+    assert_eq!(log.commits(), 1);
+}

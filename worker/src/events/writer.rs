@@ -35,6 +35,7 @@ enum BatchFailure {
     Begin(Arc<redb::TransactionError>),
     Table(Arc<redb::TableError>),
     Insert(Arc<redb::StorageError>),
+    Read(Arc<redb::StorageError>),
     Compact(Arc<redb::StorageError>),
     Commit(Arc<redb::CommitError>),
 }
@@ -45,6 +46,7 @@ impl From<BatchFailure> for EventLogError {
             BatchFailure::Begin(source) => EventLogError::Begin(source),
             BatchFailure::Table(source) => EventLogError::Table(source),
             BatchFailure::Insert(source) => EventLogError::Insert(source),
+            BatchFailure::Read(source) => EventLogError::Read(source),
             BatchFailure::Compact(source) => EventLogError::Compact(source),
             BatchFailure::Commit(source) => EventLogError::Commit(source),
         }
@@ -146,7 +148,7 @@ fn apply(
             Command::Snapshot { up_to, state, reply } => {
                 let current = snapshots
                     .last()
-                    .map_err(|e| BatchFailure::Insert(Arc::new(e)))?
+                    .map_err(|e| BatchFailure::Read(Arc::new(e)))?
                     .map(|(seq, _)| seq.value());
                 if up_to > last_seq {
                     drop(reply.send(Err(EventLogError::SnapshotAhead { up_to, last: last_seq })));
