@@ -1619,7 +1619,7 @@ mod tests {
     #[test]
     fn a_policy_beyond_the_kernel_limit_is_refused() {
         let alternate = |number: u32| {
-            Action::Return(if number % 2 == 0 { Verdict::Allow } else { Verdict::FailWithEperm })
+            Action::Return(if number.is_multiple_of(2) { Verdict::Allow } else { Verdict::FailWithEperm })
         };
         let ranges = NumberRanges::new((0..5000).map(alternate), Action::Return(Verdict::FailWithEnosys));
         let result = generate(AUDIT_ARCH_X86_64, None, &ranges);
