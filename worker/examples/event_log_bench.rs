@@ -47,7 +47,7 @@ impl Projection for Tasks {
 
 fn event(n: u64) -> TaskEvent {
     let task = (n / 2) % LIVE_TASKS;
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         TaskEvent::Started { task, image: "docker.io/library/python:3.12-slim".into() }
     } else {
         TaskEvent::Finished { task, exit_code: 0 }
