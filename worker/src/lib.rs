@@ -6,7 +6,7 @@
 //! over it. Components (see DESIGN.md in the project's shared docs):
 //!
 //! - [`engine`]: containers: namespaces, cgroups, rootfs, process spawn, wait, kill.
-//! - [`image`]: the OCI content store, image import, layer unpacking.
+//! - [`image`]: the OCI content store, registry pull, image import, layer unpacking.
 //! - [`events`]: the durable event log (redb, group commit), projections, snapshots.
 //!
 //! `unsafe` lives only in the engine's syscall layer.
