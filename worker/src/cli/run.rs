@@ -112,7 +112,6 @@ fn build_spec(args: &RunArgs, image: Option<&ImageRoot>) -> anyhow::Result<Conta
             bail!("no command: image {} has no Entrypoint or Cmd; give one after --", image.record.name);
         }
         let mut spec = ContainerSpec::new(id, image.layers.clone(), command);
-        spec.network = args.network.parse()?;
         for entry in &config.env {
             if let Some((name, value)) = entry.split_once('=') {
                 spec.env.push((name.to_owned(), value.to_owned()));
@@ -134,18 +133,17 @@ fn build_spec(args: &RunArgs, image: Option<&ImageRoot>) -> anyhow::Result<Conta
         }
         spec
     } else {
-        let rootfs = args.rootfs.clone().context("--rootfs or --bundle is required")?;
+        let rootfs = args.rootfs.clone().context("--image, --rootfs or --bundle is required")?;
         let rootfs = rootfs
             .canonicalize()
             .with_context(|| format!("root filesystem {} does not exist", rootfs.display()))?;
         if args.command.is_empty() {
             bail!("no command given: quilt run --local --rootfs DIR -- CMD [ARGS...]");
         }
-        let mut spec = ContainerSpec::new(id, vec![rootfs], args.command.clone());
-        spec.network = args.network.parse()?;
-        spec
+        ContainerSpec::new(id, vec![rootfs], args.command.clone())
     };
-    if args.bundle.is_some() && args.network != "none" {
+    // A bundle's own namespaces decide its network unless --network is given.
+    if args.bundle.is_none() || args.network != "none" {
         spec.network = args.network.parse::<NetworkMode>()?;
     }
     if let Some(memory) = &args.memory {
