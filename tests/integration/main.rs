@@ -2,6 +2,7 @@
 //! One binary (ripgrep style); one module per area.
 
 mod bad_input;
+mod broker;
 mod bundle;
 mod cgroup_v2;
 mod debian;

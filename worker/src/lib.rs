@@ -8,11 +8,13 @@
 //! - [`engine`]: containers: namespaces, cgroups, rootfs, process spawn, wait, kill.
 //! - [`image`]: the OCI content store, registry pull, image import, layer unpacking.
 //! - [`events`]: the durable event log (redb, group commit), projections, snapshots.
+//! - [`broker`]: the embedded nats-server: config rendering, start, supervision, stop.
 //!
 //! `unsafe` lives only in the engine's syscall layer.
 
 #![deny(unsafe_code)]
 
+pub mod broker;
 pub mod engine;
 pub mod events;
 pub mod image;

