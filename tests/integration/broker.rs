@@ -168,3 +168,42 @@ fn missing_nats_server_explains_how_to_install_it() {
     let error = locate_nats_server(Some(&missing), None, None).unwrap_err();
     assert!(error.to_string().contains("no-such-nats-server"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_dies_at_start_is_reported_with_its_log() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().unwrap();
+    let fake = data.path().join("fake-nats-server");
+    std::fs::write(&fake, "#!/bin/sh\necho 'config error: hostile fixture' >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut options = BrokerOptions::new(data.path().join("data"));
+    options.nats_server = Some(fake);
+    let error = tokio::time::timeout(BOUND, EmbeddedBroker::start(options))
+        .await
+        .expect("start gives up within bound")
+        .unwrap_err();
+    assert_eq!(error.kind(), "not_ready");
+    assert!(error.to_string().contains("config error: hostile fixture"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_broker_kills_the_server() {
+    let data = tempfile::tempdir().unwrap();
+    let broker = start(data.path()).await;
+    let pid = broker.pid().unwrap();
+    drop(broker);
+    // Killed, then reaped by tokio: gone, or a zombie until the reaper runs.
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        let dead = match &state {
+            None => true,
+            Some(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
+        };
+        if dead {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nats-server {pid} alive after drop: {state:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
