@@ -8,7 +8,10 @@
 //! - [`engine`]: containers: namespaces, cgroups, rootfs, process spawn, wait, kill.
 //! - [`image`]: the OCI content store, registry pull, image import, layer unpacking.
 //! - [`events`]: the durable event log (redb, group commit), projections, snapshots.
-//! - [`broker`]: the embedded nats-server: config rendering, start, supervision, stop.
+//! - [`broker`]: the embedded nats-server (config, start, supervision, stop), NATS
+//!   connections, subject names and the JetStream set-up.
+//! - [`protocol`]: the wire messages: task, result, output chunk, event.
+//! - [`orchestrator`]: the worker: claims tasks, runs them, records and publishes results.
 //!
 //! `unsafe` lives only in the engine's syscall layer.
 
@@ -18,3 +21,5 @@ pub mod broker;
 pub mod engine;
 pub mod events;
 pub mod image;
+pub mod orchestrator;
+pub mod protocol;

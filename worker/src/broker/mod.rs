@@ -3,9 +3,10 @@
 //! It owns `<data-dir>/broker/`: the rendered config `nats.conf` (from
 //! broker-config/embedded.conf, compiled into the binary), the server's log
 //! `nats.log`, and JetStream's store `jetstream/`. It must not touch anything
-//! else in the data directory, and it knows nothing of tasks or containers;
-//! streams, consumers and KV buckets are set up by their users over the
-//! client connection, not here.
+//! else in the data directory, and it knows nothing of tasks or containers.
+//! It also holds the NATS plumbing every role shares: the subject and stream
+//! names (`subjects`), connecting (`connect`), and the idempotent set-up of
+//! streams, the workers' consumer and the KV bucket (`ensure`).
 //!
 //! Supervision: nats-server runs as our child (`tokio::process`, so the
 //! runtime keeps SIGCHLD; STYLE.md rule 4), listening on 127.0.0.1 only. One
@@ -26,7 +27,9 @@
 //! config and [`EmbeddedBroker::start`] reports their complaint from the log.
 
 mod config;
+mod jetstream;
 mod locate;
+pub mod subjects;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -43,6 +46,9 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use jetstream::{
+    connect, context, ensure, ConnectConfig, JetStreamHandles, JetStreamSettings, SetupError,
+};
 pub use locate::{find_nats_server, locate_nats_server, NATS_SERVER_ENV};
 
 const FIRST_RESTART_DELAY: Duration = Duration::from_millis(100);

@@ -2,7 +2,11 @@
 //! sets up logging and hands off to one module per verb.
 
 mod image;
+mod nats;
 mod run;
+mod schema;
+mod tasks;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,8 +30,21 @@ pub(crate) struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum Command {
-    /// Run a command in a new container and exit with its exit code.
+    /// Start an embedded nats-server and a worker on it: Quilt on one machine.
+    Up(Box<worker::UpArgs>),
+    /// Run a worker against an existing NATS deployment (--nats URL).
+    Worker(Box<worker::JoinArgs>),
+    /// Run a command as a task (through NATS; --local: on this machine
+    /// directly), print its output, exit with its exit code.
     Run(Box<run::RunArgs>),
+    /// Submit a task and print its id without waiting.
+    Submit(Box<tasks::SubmitArgs>),
+    /// Print a task's result as JSON.
+    Result(tasks::ResultArgs),
+    /// Follow the workers' lifecycle events, one JSON object per line.
+    Events(tasks::EventsArgs),
+    /// Write the JSON Schema files of the wire protocol into a directory.
+    Schema(schema::SchemaArgs),
     /// Manage the local image store.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -38,7 +55,13 @@ pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
+        Command::Up(args) => worker::up(&cli.data_dir, *args),
+        Command::Worker(args) => worker::join(&cli.data_dir, *args),
         Command::Run(args) => run::run(&cli.data_dir, *args),
+        Command::Submit(args) => tasks::submit(&cli.data_dir, *args),
+        Command::Result(args) => tasks::result(&cli.data_dir, args),
+        Command::Events(args) => tasks::events(&cli.data_dir, args),
+        Command::Schema(args) => schema::run(args),
         Command::Image(command) => image::run(&cli.data_dir, command),
     };
     match result {

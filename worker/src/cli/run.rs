@@ -1,5 +1,6 @@
-//! `quilt run --local`: drive the engine directly, print the container's
-//! output as it is produced, exit with its code.
+//! `quilt run`: through NATS as a task (see `tasks.rs`), or with `--local`
+//! driving the engine directly; either way the container's output is
+//! printed as it is produced and Quilt exits with its code.
 //!
 //! Exit codes: the container's own; 128+N when a signal killed it; 124 when
 //! the timeout killed it; 123 when the OOM killer did; 125 when Quilt could
@@ -27,74 +28,76 @@ pub(crate) const EXIT_OOM_KILLED: u8 = 123;
 pub(crate) struct RunArgs {
     /// Run on this machine with the engine directly, without NATS.
     #[arg(long)]
-    local: bool,
+    pub(crate) local: bool,
     /// Image from the local store (see `quilt image`); its Env, WorkingDir,
     /// Entrypoint/Cmd and User apply unless overridden.
     #[arg(long, conflicts_with_all = ["rootfs", "bundle"])]
-    image: Option<String>,
+    pub(crate) image: Option<String>,
     /// Root filesystem directory (used read-only; writes go to a private layer).
-    #[arg(long, conflicts_with = "bundle", required_unless_present_any = ["bundle", "image"])]
-    rootfs: Option<PathBuf>,
+    #[arg(long, conflicts_with = "bundle")]
+    pub(crate) rootfs: Option<PathBuf>,
     /// OCI runtime bundle directory (config.json plus its root).
     #[arg(long)]
-    bundle: Option<PathBuf>,
-    /// Container id (default: generated).
+    pub(crate) bundle: Option<PathBuf>,
+    /// Container id with --local, task id through NATS (default: generated).
     #[arg(long)]
-    name: Option<String>,
+    pub(crate) name: Option<String>,
     /// Memory limit, e.g. 256M, 1G.
     #[arg(long, allow_hyphen_values = true)]
-    memory: Option<String>,
+    pub(crate) memory: Option<String>,
     /// CPU limit in CPUs, e.g. 0.5.
     #[arg(long, allow_hyphen_values = true)]
-    cpus: Option<String>,
+    pub(crate) cpus: Option<String>,
     /// Most processes at once.
     #[arg(long, allow_hyphen_values = true)]
-    pids: Option<String>,
+    pub(crate) pids: Option<String>,
     /// Wall-clock limit, e.g. 10s, 500ms, 2m.
     #[arg(long, allow_hyphen_values = true)]
-    timeout: Option<String>,
+    pub(crate) timeout: Option<String>,
     /// Bytes of stdout and of stderr kept, e.g. 1M.
     #[arg(long, allow_hyphen_values = true)]
-    output_limit: Option<String>,
+    pub(crate) output_limit: Option<String>,
     /// Network: none (loopback only) or host.
     #[arg(long, default_value = "none")]
-    network: String,
+    pub(crate) network: String,
     /// Environment variable K=V (repeatable).
     #[arg(long = "env", short = 'e')]
-    env: Vec<String>,
+    pub(crate) env: Vec<String>,
     /// Working directory inside the container.
     #[arg(long, short = 'w')]
-    workdir: Option<String>,
+    pub(crate) workdir: Option<String>,
     /// UID[:GID] to run as.
     #[arg(long, short = 'u')]
-    user: Option<String>,
+    pub(crate) user: Option<String>,
     /// Host name inside the container.
     #[arg(long)]
-    hostname: Option<String>,
+    pub(crate) hostname: Option<String>,
     /// Mount the root read-only.
     #[arg(long)]
-    read_only: bool,
+    pub(crate) read_only: bool,
     /// Where the container's writes go: memory (a tmpfs counted in its memory
     /// limit, gone with the container) or disk (a directory in the data dir).
     #[arg(long, default_value = "memory")]
-    scratch: String,
+    pub(crate) scratch: String,
     /// Size of the in-memory scratch layer, e.g. 64M (default 256M, at most the memory limit).
     #[arg(long, allow_hyphen_values = true)]
-    scratch_size: Option<String>,
+    pub(crate) scratch_size: Option<String>,
     /// Feed this file to the command's stdin ("-" for Quilt's own stdin).
     #[arg(long)]
-    stdin: Option<PathBuf>,
+    pub(crate) stdin: Option<PathBuf>,
     /// Print the full outcome as JSON (with the captured output) instead of streaming output.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// The command and its arguments.
     #[arg(last = true)]
-    command: Vec<String>,
+    pub(crate) command: Vec<String>,
+    #[command(flatten)]
+    pub(crate) nats: super::nats::NatsArgs,
 }
 
 pub(crate) fn run(data_dir: &Path, args: RunArgs) -> anyhow::Result<u8> {
     if !args.local {
-        bail!("only `quilt run --local` is available in this version (running through NATS comes with the task pipeline)");
+        return super::tasks::run_remote(data_dir, args);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -283,7 +286,7 @@ async fn run_local(data_dir: &Path, args: RunArgs) -> anyhow::Result<u8> {
     Ok(exit_code(&outcome))
 }
 
-async fn interrupt() -> i32 {
+pub(crate) async fn interrupt() -> i32 {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
     else {

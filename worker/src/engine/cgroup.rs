@@ -804,7 +804,6 @@ impl CgroupRoot {
 
     /// Re-open an existing container cgroup by name (for cleanup of leftovers after a crash).
     /// None when the name is invalid or no hierarchy has a cgroup of that name.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn open_existing(&self, name: &str) -> Option<ContainerCgroup> {
         if !is_valid_name(name) {
             return None;
@@ -815,7 +814,6 @@ impl CgroupRoot {
 
     /// Names of all container cgroups that exist under the parent in any hierarchy (for
     /// leftover detection), sorted.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn list(&self) -> Vec<String> {
         let mut names = Vec::new();
         for mount in &self.hierarchy.mounts {

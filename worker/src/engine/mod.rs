@@ -309,6 +309,48 @@ impl Engine {
         })
     }
 
+    /// Removes whatever is left of container `id` after a crash of the
+    /// process that ran it: every process in its cgroup is killed (which
+    /// also ends its namespaces and the mounts that live in them), then the
+    /// cgroup and its on-disk state directory are deleted. Returns whether
+    /// anything was found. Idempotent.
+    pub fn reap(&self, id: &str) -> Result<bool, EngineError> {
+        validate_id(id)?;
+        let mut found = false;
+        if let Some(cgroup) = self.shared.cgroups.open_existing(id) {
+            found = true;
+            cgroup.kill_all()?;
+            cgroup.delete()?;
+        }
+        let dir = self.shared.config.state_dir.join(id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => found = true,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(EngineError::StateDirectory { path: dir, source }),
+        }
+        Ok(found)
+    }
+
+    /// Ids of containers that exist on this host (a cgroup under the
+    /// engine's parent, or a state directory) and start with `prefix`:
+    /// after a crash, what [`Engine::reap`] should look at.
+    pub fn existing(&self, prefix: &str) -> Vec<String> {
+        let mut ids: Vec<String> =
+            self.shared.cgroups.list().into_iter().filter(|id| id.starts_with(prefix)).collect();
+        if let Ok(entries) = std::fs::read_dir(&self.shared.config.state_dir) {
+            for entry in entries.flatten() {
+                if let Ok(name) = entry.file_name().into_string() {
+                    if name.starts_with(prefix) && validate_id(&name).is_ok() {
+                        ids.push(name);
+                    }
+                }
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
     /// Create, start, wait and finish in one call.
     pub async fn run(&self, spec: ContainerSpec) -> Result<Outcome, EngineError> {
         let mut container = self.create(spec)?;
@@ -435,27 +477,30 @@ impl Container {
         };
         let state_dir = &self.engine.shared.config.state_dir;
         let paths = root_paths(state_dir, self.disk_dir.as_deref(), &self.spec);
-        let plan = ChildPlan::prepare(
-            &self.spec,
-            &paths,
-            ChildDescriptors {
-                stdin: stdin_read.as_raw_fd(),
-                stdout: stdout_write.as_raw_fd(),
-                stderr: stderr_write.as_raw_fd(),
-                report: report_write.as_raw_fd(),
-                cgroup_tasks: tasks.iter().map(|fd| fd.as_raw_fd()).collect(),
-            },
-            seccomp::sock_fprog(&self.engine.shared.seccomp).map_err(EngineError::Seccomp)?,
-            self.engine.shared.last_capability,
-        );
         let mut namespaces = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
         if self.spec.network == NetworkMode::None {
             namespaces |= libc::CLONE_NEWNET;
         }
         let start = Instant::now();
-        let spawned = child::spawn(&plan, namespaces as u64, cgroup_dir.as_ref().map(|dir| dir.as_raw_fd()))
-            .map_err(EngineError::Clone)?;
-        drop(plan);
+        // The plan holds raw pointers (argv, the seccomp program): it lives
+        // in this block only, so the future stays Send.
+        let spawned = {
+            let plan = ChildPlan::prepare(
+                &self.spec,
+                &paths,
+                ChildDescriptors {
+                    stdin: stdin_read.as_raw_fd(),
+                    stdout: stdout_write.as_raw_fd(),
+                    stderr: stderr_write.as_raw_fd(),
+                    report: report_write.as_raw_fd(),
+                    cgroup_tasks: tasks.iter().map(|fd| fd.as_raw_fd()).collect(),
+                },
+                seccomp::sock_fprog(&self.engine.shared.seccomp).map_err(EngineError::Seccomp)?,
+                self.engine.shared.last_capability,
+            );
+            child::spawn(&plan, namespaces as u64, cgroup_dir.as_ref().map(|dir| dir.as_raw_fd()))
+        }
+        .map_err(EngineError::Clone)?;
         drop((stdin_read, stdout_write, stderr_write, report_write, tasks, cgroup_dir));
         self.started_at = Some(start);
         self.process = Some(Process {

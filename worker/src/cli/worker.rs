@@ -1,0 +1,230 @@
+//! `quilt up` (embedded nats-server + a worker) and `quilt worker --nats URL`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use quilt::broker::{self, BrokerOptions, EmbeddedBroker, JetStreamSettings};
+use quilt::engine::{parse_duration, parse_size, UnavailableLimits};
+use quilt::image::PullOptions;
+use quilt::orchestrator::{self, validate_worker_id, CrashPoint, TaskLimitsPolicy, WorkerConfig};
+use tokio::sync::watch;
+
+use super::nats::{NatsArgs, URL_FILE};
+
+#[derive(Args, Debug)]
+pub(crate) struct WorkerArgs {
+    /// This worker's id (1 to 32 of a-z 0-9 _ -). Default: the one kept in
+    /// the data directory, made from the host name the first time.
+    #[arg(long, env = "QUILT_WORKER_ID")]
+    worker_id: Option<String>,
+    /// Tasks run at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Memory of a task that sets none, e.g. 512M.
+    #[arg(long, default_value = "512M")]
+    default_memory: String,
+    /// Most memory a task may have.
+    #[arg(long, default_value = "4G")]
+    max_memory: String,
+    /// Wall-clock limit of a task that sets none, e.g. 5m.
+    #[arg(long, default_value = "5m")]
+    default_timeout: String,
+    /// Longest wall-clock limit a task may have.
+    #[arg(long, default_value = "1h")]
+    max_timeout: String,
+    /// Most processes a task may have.
+    #[arg(long, default_value_t = 4096)]
+    max_pids: u64,
+    /// Let tasks ask for the host's network ("network": "host").
+    #[arg(long)]
+    allow_host_network: bool,
+    /// Refuse tasks whose image is not already in the local store instead of pulling it.
+    #[arg(long)]
+    no_pull: bool,
+    /// A registry (host[:port]) to pull from over plain HTTP (loopback ones always are).
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// How long running tasks may take to finish on SIGTERM before they are handed back.
+    #[arg(long, default_value = "30s")]
+    shutdown_grace: String,
+    /// JetStream AckWait of the shared task consumer.
+    #[arg(long, default_value = "30s")]
+    ack_wait: String,
+    /// Deliveries of a task before it is dead-lettered.
+    #[arg(long, default_value_t = 5)]
+    max_deliver: i64,
+    /// Stream replicas (3 on a 3-node cluster).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Run without limits whose cgroup controller this host lacks (default: refuse such tasks).
+    #[arg(long)]
+    skip_unavailable_limits: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct UpArgs {
+    /// Client port of the embedded nats-server on 127.0.0.1 (0 picks a free one).
+    #[arg(long, default_value_t = 4222)]
+    port: u16,
+    /// The nats-server executable (default: $QUILT_NATS_SERVER, then PATH).
+    #[arg(long)]
+    nats_server: Option<PathBuf>,
+    #[command(flatten)]
+    worker: WorkerArgs,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct JoinArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    worker: WorkerArgs,
+}
+
+fn duration(flag: &str, text: &str) -> anyhow::Result<Duration> {
+    parse_duration(text).with_context(|| format!("invalid --{flag} {text:?}: use e.g. 30s, 5m, 500ms"))
+}
+
+fn size(flag: &str, text: &str) -> anyhow::Result<u64> {
+    parse_size(text).with_context(|| format!("invalid --{flag} {text:?}: use e.g. 512M, 4G"))
+}
+
+/// The worker id: given, else kept in the data directory, else made once.
+fn worker_id(data_dir: &Path, given: Option<String>) -> anyhow::Result<String> {
+    let file = data_dir.join("worker-id");
+    if let Some(id) = given {
+        validate_worker_id(&id)?;
+        return Ok(id);
+    }
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        let id = text.trim().to_owned();
+        validate_worker_id(&id).with_context(|| format!("{} holds an invalid worker id", file.display()))?;
+        return Ok(id);
+    }
+    let host: String = nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+        .take(20)
+        .collect();
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    let id = if host.is_empty() { format!("w-{suffix}") } else { format!("{host}-{suffix}") };
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::write(&file, format!("{id}\n")).with_context(|| format!("writing {}", file.display()))?;
+    Ok(id)
+}
+
+fn worker_config(data_dir: &Path, args: WorkerArgs) -> anyhow::Result<WorkerConfig> {
+    let mut config = WorkerConfig::new(worker_id(data_dir, args.worker_id)?, data_dir);
+    if args.concurrency == 0 {
+        anyhow::bail!("--concurrency must be at least 1");
+    }
+    config.concurrency = args.concurrency;
+    config.limits = TaskLimitsPolicy {
+        default_memory_bytes: size("default-memory", &args.default_memory)?,
+        max_memory_bytes: size("max-memory", &args.max_memory)?,
+        default_timeout: duration("default-timeout", &args.default_timeout)?,
+        max_timeout: duration("max-timeout", &args.max_timeout)?,
+        max_pids: args.max_pids,
+        ..TaskLimitsPolicy::default()
+    };
+    config.limits.default_memory_bytes =
+        config.limits.default_memory_bytes.min(config.limits.max_memory_bytes);
+    config.limits.default_pids = config.limits.default_pids.min(config.limits.max_pids);
+    config.allow_host_network = args.allow_host_network;
+    config.pull = (!args.no_pull)
+        .then(|| PullOptions { insecure_registries: args.insecure_registries, ..PullOptions::default() });
+    config.shutdown_grace = duration("shutdown-grace", &args.shutdown_grace)?;
+    config.jetstream = JetStreamSettings {
+        ack_wait: duration("ack-wait", &args.ack_wait)?,
+        max_deliver: args.max_deliver.max(1),
+        replicas: args.replicas.max(1),
+        ..JetStreamSettings::default()
+    };
+    if args.skip_unavailable_limits {
+        config.unavailable_limits = UnavailableLimits::Skip;
+    }
+    // Test seam for the crash-recovery tests (see orchestrator's module doc).
+    if let Ok(point) = std::env::var("QUILT_CRASH_AT") {
+        config.crash_at = Some(point.parse::<CrashPoint>().map_err(anyhow::Error::msg)?);
+    }
+    Ok(config)
+}
+
+/// Turns true on SIGTERM or SIGINT.
+fn stop_on_signals() -> anyhow::Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let (sender, receiver) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("quilt: stopping: no new tasks; waiting for running ones");
+        sender.send_replace(true);
+        // Keep the sender alive so receivers do not see a closed channel.
+        std::future::pending::<()>().await;
+    });
+    Ok(receiver)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub(crate) fn up(data_dir: &Path, args: UpArgs) -> anyhow::Result<u8> {
+    runtime()?.block_on(async move {
+        let stop = stop_on_signals()?;
+        let config = worker_config(data_dir, args.worker)?;
+        let mut options = BrokerOptions::new(data_dir);
+        options.port = (args.port != 0).then_some(args.port);
+        options.nats_server = args.nats_server;
+        let broker = EmbeddedBroker::start(options).await.context("starting the embedded nats-server")?;
+        let url = broker.url();
+        let url_file = data_dir.join(URL_FILE);
+        std::fs::write(&url_file, format!("{url}\n"))
+            .with_context(|| format!("writing {}", url_file.display()))?;
+        let client = broker::connect(&broker::ConnectConfig {
+            url: url.clone(),
+            name: format!("quilt-worker-{}", config.worker_id),
+            retry_first_connect: true,
+            ..Default::default()
+        })
+        .await
+        .context("connecting to the embedded nats-server")?;
+        println!(
+            "quilt is up: NATS at {url}, worker {} running {} tasks at once",
+            config.worker_id, config.concurrency
+        );
+        println!("publish tasks to quilt.tasks; try: quilt run --image busybox -- echo hello");
+        let result = orchestrator::run(config, client, stop).await;
+        // The broker stops last, after the worker confirmed its acks.
+        broker.stop().await;
+        let _ = std::fs::remove_file(&url_file);
+        result.context("worker")?;
+        Ok(0)
+    })
+}
+
+pub(crate) fn join(data_dir: &Path, args: JoinArgs) -> anyhow::Result<u8> {
+    runtime()?.block_on(async move {
+        let stop = stop_on_signals()?;
+        let config = worker_config(data_dir, args.worker)?;
+        let connect = args.nats.config(data_dir, &format!("quilt-worker-{}", config.worker_id), true);
+        eprintln!("quilt: worker {} connecting to {}", config.worker_id, connect.url);
+        let client = broker::connect(&connect).await.context("connecting to NATS")?;
+        orchestrator::run(config, client, stop).await.context("worker")?;
+        Ok(0)
+    })
+}

@@ -1,0 +1,468 @@
+//! The worker: claims tasks from `quilt.tasks`, runs each in a container,
+//! records and publishes its result, exactly once as the agent sees it.
+//!
+//! It owns the event log `<data-dir>/events.redb`, the containers it makes
+//! (ids `<worker_id>.<random>`) and its pull loop on the shared consumer. It
+//! drives the engine and the image store and talks to NATS; it knows
+//! nothing of how a container is built.
+//!
+//! One task's path (SECURITY.md "Delivery and state"):
+//! 1. A delivery is fetched only when a slot is free (`concurrency`).
+//! 2. If the log already holds this task's result (a redelivery after a
+//!    crash or a lost ack), that result is published if it was not yet, and
+//!    the delivery acked: the task is never run twice by this worker. If
+//!    `QUILT_RESULTS` already holds a result (another worker finished it),
+//!    the delivery is acked without running.
+//! 3. `task_claimed`; the task is parsed and validated. Bad input gets a
+//!    `rejected` result naming the field, and is never redelivered.
+//! 4. The image is found (or pulled); `container_creating` is recorded
+//!    before the container exists, so a crash at any later point knows what
+//!    to reap. Output is published live; progress acks (`+WPI`) keep the
+//!    lease while the task runs.
+//! 5. `result_stored`, durable, *then* the result is published with
+//!    `Nats-Msg-Id` = task id and `Nats-Expected-Last-Subject-Sequence: 0`,
+//!    so `QUILT_RESULTS` stores at most one result per task whoever
+//!    publishes; a worker that finds another's result there (it lost its
+//!    lease while paused) discards its own. Then `result_published`, then
+//!    the delivery is acked and the server's confirmation awaited
+//!    (`task_acked`).
+//! 6. A failure worth retrying (a registry unreachable, a cgroup error)
+//!    hands the task back with a delayed NAK; on the last allowed delivery
+//!    it is dead-lettered on `quilt.dlq` instead, and an `error` result
+//!    tells the agent. A task that kills its worker every time is
+//!    dead-lettered from the server's max-deliveries advisory.
+//!
+//! At start the log is replayed, then reconciled with reality: every
+//! container the log says may exist (and any leftover of this worker's
+//! naming) is reaped and `container_reaped` recorded; stored results not yet
+//! published are published; tasks held without a result are released (the
+//! server redelivers them). Ephemeral containers are not re-adopted: their
+//! output pipes died with the old process.
+//!
+//! Shutdown: stop fetching, let running tasks finish within the grace
+//! period, then kill the rest and hand them back (NAK).
+//!
+//! Test seam: `WorkerConfig::crash_at` names a point at which the process
+//! SIGKILLs itself (see [`CrashPoint`]), for the crash-recovery tests.
+
+mod plan;
+mod recorder;
+mod run;
+pub mod state;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{watch, Semaphore};
+
+use crate::broker::{self, JetStreamHandles, JetStreamSettings, SetupError};
+use crate::engine::{Engine, EngineConfig, EngineError, UnavailableLimits};
+use crate::events::{rebuild, EventLog, EventLogError};
+use crate::image::{ImageError, ImageStore, PullOptions};
+use crate::protocol::Event;
+
+pub use plan::TaskLimitsPolicy;
+use recorder::Recorder;
+use state::WorkerState;
+
+/// How long one pull request waits for tasks before it is renewed.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// Points at which a worker configured to crash kills itself with SIGKILL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Right after `task_claimed` is durable.
+    AfterFetch,
+    /// Right after the container's command started.
+    AfterStart,
+    /// Right after the container exited and was removed, before the result is stored.
+    AfterExit,
+    /// Right after `result_stored` is durable.
+    AfterStored,
+    /// Right after the server acknowledged the result, before `result_published`.
+    AfterPublished,
+    /// Right before the delivery is acked.
+    BeforeAck,
+}
+
+impl std::str::FromStr for CrashPoint {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        Ok(match text {
+            "after_fetch" => CrashPoint::AfterFetch,
+            "after_start" => CrashPoint::AfterStart,
+            "after_exit" => CrashPoint::AfterExit,
+            "after_stored" => CrashPoint::AfterStored,
+            "after_published" => CrashPoint::AfterPublished,
+            "before_ack" => CrashPoint::BeforeAck,
+            other => return Err(format!("unknown crash point {other:?}")),
+        })
+    }
+}
+
+/// A worker's settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// This worker's id: 1 to 32 of `a-z 0-9 _ -`.
+    pub worker_id: String,
+    /// Where the event log, containers and images live.
+    pub data_dir: PathBuf,
+    /// Tasks run at once.
+    pub concurrency: usize,
+    /// Defaults and maxima of task limits.
+    pub limits: TaskLimitsPolicy,
+    /// Whether tasks may ask for `"network": "host"`.
+    pub allow_host_network: bool,
+    /// Pull images missing from the store (with these options), or refuse them.
+    pub pull: Option<PullOptions>,
+    /// How long running tasks may take to finish at shutdown.
+    pub shutdown_grace: Duration,
+    /// Stream and consumer settings (applied at start).
+    pub jetstream: JetStreamSettings,
+    /// What to do with limits this host's cgroups cannot enforce.
+    pub unavailable_limits: UnavailableLimits,
+    /// Cgroup under which containers' cgroups are made.
+    pub cgroup_parent: String,
+    /// Test seam: SIGKILL this process at this point of the first task that reaches it.
+    pub crash_at: Option<CrashPoint>,
+}
+
+impl WorkerConfig {
+    /// Defaults for a worker with this id and data directory.
+    pub fn new(worker_id: impl Into<String>, data_dir: impl Into<PathBuf>) -> WorkerConfig {
+        WorkerConfig {
+            worker_id: worker_id.into(),
+            data_dir: data_dir.into(),
+            concurrency: 4,
+            limits: TaskLimitsPolicy::default(),
+            allow_host_network: false,
+            pull: Some(PullOptions::default()),
+            shutdown_grace: Duration::from_secs(30),
+            jetstream: JetStreamSettings::default(),
+            unavailable_limits: UnavailableLimits::Refuse,
+            cgroup_parent: "quilt".to_owned(),
+            crash_at: None,
+        }
+    }
+}
+
+/// Failures that stop a worker, named after the step.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A worker id outside the allowed alphabet.
+    #[error("invalid worker id {0:?}: use 1 to 32 of a-z 0-9 _ -")]
+    WorkerId(String),
+    /// Opening or replaying the event log.
+    #[error("event log")]
+    EventLog(#[source] EventLogError),
+    /// Starting the engine.
+    #[error("container engine")]
+    Engine(#[source] EngineError),
+    /// Opening the image store.
+    #[error("image store")]
+    Images(#[source] ImageError),
+    /// Setting up JetStream.
+    #[error("JetStream set-up")]
+    Setup(#[source] SetupError),
+    /// A blocking task panicked.
+    #[error("internal task failed: {0}")]
+    Join(String),
+}
+
+impl WorkerError {
+    /// A stable, machine-readable name of the failure.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WorkerError::WorkerId(_) => "invalid_worker_id",
+            WorkerError::EventLog(_) => "event_log",
+            WorkerError::Engine(_) => "engine",
+            WorkerError::Images(_) => "images",
+            WorkerError::Setup(_) => "setup",
+            WorkerError::Join(_) => "internal",
+        }
+    }
+}
+
+/// Checks a worker id: it is a NATS subject token and a container id prefix.
+pub fn validate_worker_id(id: &str) -> Result<(), WorkerError> {
+    let ok = !id.is_empty()
+        && id.len() <= 32
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(WorkerError::WorkerId(id.to_owned()))
+    }
+}
+
+/// What the worker shares between its tasks.
+pub(crate) struct Shared {
+    pub(crate) config: WorkerConfig,
+    pub(crate) engine: Engine,
+    pub(crate) images: Arc<ImageStore>,
+    pub(crate) client: async_nats::Client,
+    pub(crate) jetstream: JetStreamHandles,
+    pub(crate) recorder: Recorder,
+    pub(crate) ack_wait: Duration,
+    pub(crate) max_deliver: u64,
+    /// The server's largest message: results are fitted under it.
+    pub(crate) max_payload: usize,
+    /// Flips to true when the worker should stop fetching.
+    pub(crate) stopping: watch::Receiver<bool>,
+    /// Flips to true when running tasks must be killed and handed back.
+    pub(crate) abandoning: watch::Sender<bool>,
+}
+
+/// Runs a worker on `client` until `stop` turns true, then drains.
+pub async fn run(
+    config: WorkerConfig,
+    client: async_nats::Client,
+    stop: watch::Receiver<bool>,
+) -> Result<(), WorkerError> {
+    validate_worker_id(&config.worker_id)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| WorkerError::Images(ImageError::Io { path: config.data_dir.clone(), source }))?;
+    let log_path = config.data_dir.join("events.redb");
+    let (log, state) = tokio::task::spawn_blocking(move || {
+        let log = EventLog::<Event>::open(&log_path)?;
+        let (state, _) = rebuild::<WorkerState, Event>(&log)?;
+        Ok::<_, EventLogError>((log, state))
+    })
+    .await
+    .map_err(|error| WorkerError::Join(error.to_string()))?
+    .map_err(WorkerError::EventLog)?;
+    let recorder = Recorder::new(log, state, config.worker_id.clone());
+    let engine = Engine::new(EngineConfig {
+        state_dir: config.data_dir.join("containers"),
+        cgroup_parent: config.cgroup_parent.clone(),
+        unavailable_limits: config.unavailable_limits,
+    })
+    .map_err(WorkerError::Engine)?;
+    let images = Arc::new(ImageStore::open(&config.data_dir).map_err(WorkerError::Images)?);
+
+    // Reap before anything else: nothing left behind must outlive a restart.
+    reap_leftovers(&engine, &recorder, &config.worker_id).await?;
+
+    let context = broker::context(client.clone());
+    let jetstream = loop {
+        match broker::ensure(&context, &config.jetstream).await {
+            Ok(handles) => break handles,
+            Err(error) => {
+                tracing::warn!(error = %crate_error_chain(&error), "JetStream not ready; retrying");
+                if wait_or_stop(&stop, Duration::from_secs(1)).await {
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let consumer_config = jetstream.consumer.cached_info().config.clone();
+    let max_payload = client.server_info().max_payload.max(64 * 1024);
+    recorder.mirror_to(client.clone());
+    let shared = Arc::new(Shared {
+        ack_wait: consumer_config.ack_wait,
+        max_deliver: u64::try_from(consumer_config.max_deliver).unwrap_or(u64::MAX).max(1),
+        max_payload,
+        config,
+        engine,
+        images,
+        client,
+        jetstream,
+        recorder,
+        stopping: stop.clone(),
+        abandoning: watch::Sender::new(false),
+    });
+    run::settle_held_tasks(&shared).await;
+    record(
+        &shared.recorder,
+        Event::WorkerStarted {
+            worker_id: shared.config.worker_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        },
+    )
+    .await;
+    tracing::info!(worker = %shared.config.worker_id, concurrency = shared.config.concurrency, "worker ready");
+
+    let advisories = tokio::spawn(run::watch_max_deliveries(Arc::clone(&shared)));
+    let slots = Arc::new(Semaphore::new(shared.config.concurrency.max(1)));
+    let mut running = tokio::task::JoinSet::new();
+    pull_loop(&shared, &slots, &mut running).await;
+    advisories.abort();
+
+    // Drain: running tasks get the grace period, then are handed back.
+    let drained = tokio::time::timeout(shared.config.shutdown_grace, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(left = running.len(), "grace period over; handing running tasks back");
+        run::abandon_running(&shared);
+        while running.join_next().await.is_some() {}
+    }
+    // Acks and results are published through the client's buffer: flush it.
+    let _ = shared.client.flush().await;
+    if let Err(error) = tokio::task::spawn_blocking({
+        let shared = Arc::clone(&shared);
+        move || shared.recorder.compact()
+    })
+    .await
+    .map_err(|error| error.to_string())
+    .and_then(|result| result.map_err(|error| error.to_string()))
+    {
+        tracing::warn!(%error, "final event log compaction failed");
+    }
+    Ok(())
+}
+
+async fn pull_loop(shared: &Arc<Shared>, slots: &Arc<Semaphore>, running: &mut tokio::task::JoinSet<()>) {
+    let mut stop = shared.stopping.clone();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        // Fetch only as many tasks as there are free slots.
+        let first = tokio::select! {
+            permit = Arc::clone(slots).acquire_owned() => match permit { Ok(permit) => permit, Err(_) => return },
+            _ = stop.wait_for(|stopping| *stopping) => return,
+        };
+        let mut permits = vec![first];
+        while let Ok(permit) = Arc::clone(slots).try_acquire_owned() {
+            permits.push(permit);
+        }
+        // Reap finished handlers so the set does not grow.
+        while running.try_join_next().is_some() {}
+        // Short-lived pull requests without idle heartbeats: async-nats
+        // 0.51's batch stream swallows a heartbeat without arranging to be
+        // woken again, so with heartbeats on, a task delivered right after
+        // one sits unread until the request's local timer fires and is then
+        // dropped (redelivered only after AckWait). A request that expires
+        // every few seconds gives the same protection heartbeats would: a
+        // subscription that stalled is replaced within seconds.
+        let batch = shared
+            .jetstream
+            .consumer
+            .batch()
+            .max_messages(permits.len())
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::warn!(%error, "fetching tasks failed; retrying");
+                drop(permits);
+                if wait_or_stop(&shared.stopping, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let message = tokio::select! {
+                message = batch.next() => message,
+                _ = stop.wait_for(|stopping| *stopping) => {
+                    // Messages delivered to this pull request after this
+                    // point are not taken: the server redelivers them after
+                    // AckWait.
+                    return;
+                }
+            };
+            match message {
+                Some(Ok(message)) => {
+                    backoff = Duration::from_millis(100);
+                    let Some(permit) = permits.pop() else {
+                        // More than asked for cannot happen; hand it back.
+                        let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                        continue;
+                    };
+                    let shared = Arc::clone(shared);
+                    running.spawn(async move {
+                        run::handle_delivery(&shared, message).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(error)) => {
+                    // A server restart, a consumer error: a new pull
+                    // request starts over.
+                    tracing::debug!(%error, "pull request ended");
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// Kills and removes what a previous run of this worker left: every
+/// container the log says may exist, and any of this worker's naming.
+async fn reap_leftovers(engine: &Engine, recorder: &Recorder, worker_id: &str) -> Result<(), WorkerError> {
+    let mut targets: Vec<(String, Option<String>)> = recorder
+        .state()
+        .containers
+        .iter()
+        .map(|(id, entry)| (id.clone(), Some(entry.task_id.clone())))
+        .collect();
+    let prefix = format!("{worker_id}.");
+    let existing = {
+        let engine = engine.clone();
+        tokio::task::spawn_blocking(move || engine.existing(&prefix))
+            .await
+            .map_err(|error| WorkerError::Join(error.to_string()))?
+    };
+    for id in existing {
+        if !targets.iter().any(|(known, _)| *known == id) {
+            targets.push((id, None));
+        }
+    }
+    for (container_id, task_id) in targets {
+        let engine = engine.clone();
+        let id = container_id.clone();
+        let found = tokio::task::spawn_blocking(move || engine.reap(&id))
+            .await
+            .map_err(|error| WorkerError::Join(error.to_string()))?
+            .map_err(WorkerError::Engine)?;
+        tracing::info!(container = %container_id, found, "reaped a container left by a previous run");
+        recorder
+            .record(Event::ContainerReaped { task_id, container_id, found })
+            .await
+            .map_err(WorkerError::EventLog)?;
+    }
+    Ok(())
+}
+
+/// Records an event; a log that cannot be written is fatal for the
+/// promise of exactly-once, so the process stops rather than run on.
+pub(crate) async fn record(recorder: &Recorder, event: Event) -> u64 {
+    match recorder.record(event).await {
+        Ok(seq) => seq,
+        Err(error) => {
+            tracing::error!(%error, "cannot append to the event log; stopping the worker");
+            eprintln!("quilt: the event log cannot be written ({error}); stopping");
+            std::process::exit(70);
+        }
+    }
+}
+
+/// Sleeps `duration`, or less if the worker is told to stop; true when stopping.
+pub(crate) async fn wait_or_stop(stop: &watch::Receiver<bool>, duration: Duration) -> bool {
+    let mut stop = stop.clone();
+    if *stop.borrow() {
+        return true;
+    }
+    let stopped = tokio::select! {
+        _ = tokio::time::sleep(duration) => false,
+        _ = stop.wait_for(|stopping| *stopping) => true,
+    };
+    stopped || *stop.borrow()
+}
+
+fn crate_error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,107 @@
+//! Recording events: append to the log (durable), fold into the in-memory
+//! state, mirror on `quilt.events.<worker>.<kind>`, and compact the log
+//! every so often.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::broker::subjects;
+use crate::events::{rebuild, EventLog, EventLogError, Projection};
+use crate::protocol::{Event, EventMessage, SCHEMA_VERSION};
+
+use super::state::WorkerState;
+
+/// Events appended between two snapshots. A snapshot replaces the events it
+/// covers, so the log holds at most about this many events plus one state.
+const SNAPSHOT_EVERY: u64 = 4096;
+
+/// Appends events and keeps the state folded from them.
+#[derive(Clone)]
+pub(crate) struct Recorder {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    log: EventLog<Event>,
+    state: Mutex<WorkerState>,
+    worker_id: String,
+    client: Mutex<Option<async_nats::Client>>,
+    since_snapshot: AtomicU64,
+    compacting: Mutex<()>,
+}
+
+impl Recorder {
+    pub(crate) fn new(log: EventLog<Event>, state: WorkerState, worker_id: String) -> Recorder {
+        Recorder {
+            inner: Arc::new(Inner {
+                log,
+                state: Mutex::new(state),
+                worker_id,
+                client: Mutex::new(None),
+                since_snapshot: AtomicU64::new(0),
+                compacting: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// Mirror events on NATS from now on.
+    pub(crate) fn mirror_to(&self, client: async_nats::Client) {
+        *self.inner.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(client);
+    }
+
+    /// The state folded so far.
+    pub(crate) fn state(&self) -> MutexGuard<'_, WorkerState> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends `event`; returns once it is durable (and folded in).
+    pub(crate) async fn record(&self, event: Event) -> Result<u64, EventLogError> {
+        let seq = self.inner.log.append(event.clone()).await?;
+        self.state().apply(seq, &event);
+        let client = self.inner.client.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(client) = client {
+            let message = EventMessage {
+                schema: SCHEMA_VERSION,
+                worker_id: self.inner.worker_id.clone(),
+                seq,
+                at_ms: now_ms(),
+                event,
+            };
+            let subject = subjects::event(&self.inner.worker_id, message.event.kind());
+            if let Ok(payload) = serde_json::to_vec(&message) {
+                // Observability only: a mirror lost while NATS is away is
+                // not worth holding a task for; the log has the event.
+                if let Err(error) = client.publish(subject, payload.into()).await {
+                    tracing::debug!(%error, seq, "event not mirrored");
+                }
+            }
+        }
+        if self.inner.since_snapshot.fetch_add(1, Ordering::Relaxed) + 1 >= SNAPSHOT_EVERY {
+            self.inner.since_snapshot.store(0, Ordering::Relaxed);
+            let recorder = self.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(error) = recorder.compact() {
+                    tracing::warn!(%error, "event log compaction failed; will retry later");
+                }
+            });
+        }
+        Ok(seq)
+    }
+
+    /// Replaces every committed event by a snapshot of the state they fold
+    /// to. The snapshot is rebuilt from the log itself, not taken from the
+    /// in-memory state, so it covers exactly the committed events whatever
+    /// order concurrent producers applied theirs in. Blocking.
+    pub(crate) fn compact(&self) -> Result<u64, EventLogError> {
+        let _one_at_a_time = self.inner.compacting.lock().unwrap_or_else(|e| e.into_inner());
+        let (state, last) = rebuild::<WorkerState, Event>(&self.inner.log)?;
+        self.inner.log.snapshot_blocking(last, &state)?;
+        Ok(last)
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
