@@ -10,4 +10,5 @@ mod events;
 mod images;
 mod isolation;
 mod limits;
+mod pipeline;
 mod registry;

@@ -6,6 +6,7 @@
 //! busybox-static); `.ci/run` installs what they need.
 
 pub mod images;
+pub mod pipeline;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
