@@ -92,8 +92,9 @@ pub struct Worker {
 
 impl Worker {
     /// Starts `quilt worker --nats URL --worker-id ID` with test-friendly
-    /// defaults (AckWait 2 s, no pulls, 10 s shutdown grace) and `args` after
-    /// them, and waits until it is ready.
+    /// defaults (AckWait 2 s, 10 s shutdown grace, no pulls unless `args`
+    /// name an `--insecure-registry`) and `args` after them, and waits
+    /// until it is ready.
     pub fn start(data_dir: &Path, url: &str, id: &str, args: &[&str]) -> Worker {
         Worker::start_with_env(data_dir, url, id, args, &[])
     }
@@ -127,7 +128,9 @@ impl Worker {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["worker", "--nats", &self.url, "--worker-id", &self.id])
-            .args(["--ack-wait", "2s", "--no-pull", "--shutdown-grace", "10s"])
+            .args(["--ack-wait", "2s", "--shutdown-grace", "10s"])
+            // Tests that exercise pulling say so with --insecure-registry.
+            .args(if self.args.iter().any(|arg| arg == "--insecure-registry") { None } else { Some("--no-pull") })
             .args(&self.args)
             .env("QUILT_LOG", "quilt=info")
             .env_remove("QUILT_CRASH_AT")
