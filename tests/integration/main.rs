@@ -11,4 +11,5 @@ mod images;
 mod isolation;
 mod limits;
 mod pipeline;
+mod pipeline_poison;
 mod registry;
