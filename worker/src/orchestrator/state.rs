@@ -112,3 +112,6 @@ impl Projection for WorkerState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
