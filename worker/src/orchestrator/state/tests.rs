@@ -10,6 +10,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::*;
 use crate::protocol::{ErrorInfo, ResultTimings, ResultUsage, TaskStatus, Truncated};
 
+/// A held task as compared: (attempt, attempt of the stored result, published, discarded).
+type Held = (u64, Option<u64>, bool, bool);
+/// Held tasks by id, and the containers that may exist.
+type View = (BTreeMap<String, Held>, BTreeSet<String>);
+
 /// xorshift64*: deterministic, no dependency.
 struct Rng(u64);
 
@@ -104,7 +109,7 @@ fn delivery(rng: &mut Rng, task: &str, attempt: u64, seq: u64) -> Vec<Event> {
 
 /// The model: what the worker holds, computed per task from its own events
 /// only, with no shared state.
-fn model(events: &[Event]) -> (BTreeMap<String, (u64, Option<u64>, bool, bool)>, BTreeSet<String>) {
+fn model(events: &[Event]) -> View {
     let mut per_task: BTreeMap<String, Vec<&Event>> = BTreeMap::new();
     let mut containers: BTreeMap<String, bool> = BTreeMap::new();
     for event in events {
@@ -165,7 +170,7 @@ fn fold(events: &[Event]) -> WorkerState {
     state
 }
 
-fn view(state: &WorkerState) -> (BTreeMap<String, (u64, Option<u64>, bool, bool)>, BTreeSet<String>) {
+fn view(state: &WorkerState) -> View {
     let held = state
         .tasks
         .iter()
