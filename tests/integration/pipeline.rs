@@ -149,3 +149,71 @@ async fn a_task_id_published_twice_runs_once() {
     assert!(worker.terminate().success());
     broker.stop().await;
 }
+
+/// Waits (bounded) until worker `worker_id` has mirrored an event of `kind` about `task_id`.
+pub(crate) async fn wait_for_event(agent: &Agent, worker_id: &str, kind: &str, task_id: &str) {
+    let deadline = std::time::Instant::now() + BOUND;
+    loop {
+        let events = mirrored_events(agent, worker_id).await;
+        if events.iter().any(|event| event["event"]["kind"] == kind && event["event"]["task_id"] == task_id) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no {kind} for {task_id} from {worker_id}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_fetching_and_lets_running_tasks_finish() {
+    let dir = TestDir::new("pipeline-drain");
+    let broker = Broker::start(&dir.path.join("nats")).await;
+    let data = dir.path.join("worker");
+    import_busybox(&data);
+    let mut worker = Worker::start(&data, &broker.url, "drain", &[]);
+    let agent = Agent::connect(&broker.url).await;
+
+    agent.submit(&task("t-running", &["sh", "-c", "sleep 1; echo finished"])).await;
+    wait_for_event(&agent, "drain", "container_started", "t-running").await;
+    worker.signal(nix::sys::signal::Signal::SIGTERM);
+    // Published after the SIGTERM: not taken by the stopping worker.
+    agent.submit(&task("t-later", &["echo", "later"])).await;
+    assert!(worker.wait_exit(BOUND).success(), "{}", worker.log_text());
+    let result = agent.result_now("t-running").await.expect("the running task finished before the exit");
+    assert_eq!(result["stdout"], "finished\n");
+    assert_eq!(agent.result_now("t-later").await, None, "a stopping worker took a new task");
+    assert_worker_left_nothing("drain", &data);
+
+    // The next worker takes what was left in the queue.
+    import_busybox(&dir.path.join("next"));
+    let mut next = Worker::start(&dir.path.join("next"), &broker.url, "drain-next", &[]);
+    assert_eq!(agent.result("t-later", BOUND).await["stdout"], "later\n");
+    assert!(next.terminate().success());
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_still_running_after_the_grace_period_are_handed_back() {
+    let dir = TestDir::new("pipeline-handback");
+    let broker = Broker::start(&dir.path.join("nats")).await;
+    let data = dir.path.join("worker");
+    import_busybox(&data);
+    let mut worker = Worker::start(&data, &broker.url, "handback", &["--shutdown-grace", "500ms"]);
+    let agent = Agent::connect(&broker.url).await;
+
+    agent.submit(&task("t-long", &["sh", "-c", "sleep 3; echo done"])).await;
+    wait_for_event(&agent, "handback", "container_started", "t-long").await;
+    let stopped = std::time::Instant::now();
+    assert!(worker.terminate().success(), "{}", worker.log_text());
+    assert!(stopped.elapsed() < Duration::from_secs(3), "the worker waited for the task past its grace");
+    wait_for_event(&agent, "handback", "task_released", "t-long").await;
+    assert_eq!(agent.result_now("t-long").await, None);
+    assert_worker_left_nothing("handback", &data);
+
+    // Handed back with a NAK: the restarted worker runs it again at once.
+    worker.restart(&[]);
+    let result = agent.result("t-long", BOUND).await;
+    assert_eq!(result["stdout"], "done\n");
+    assert_eq!(result["attempt"], 2);
+    assert!(worker.terminate().success());
+    broker.stop().await;
+}

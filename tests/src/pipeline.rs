@@ -128,9 +128,7 @@ impl Worker {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["worker", "--nats", &self.url, "--worker-id", &self.id])
-            .args(["--ack-wait", "2s", "--shutdown-grace", "10s"])
-            // Tests that exercise pulling say so with --insecure-registry.
-            .args(if self.args.iter().any(|arg| arg == "--insecure-registry") { None } else { Some("--no-pull") })
+            .args(self.defaults())
             .args(&self.args)
             .env("QUILT_LOG", "quilt=info")
             .env_remove("QUILT_CRASH_AT")
@@ -142,6 +140,23 @@ impl Worker {
         }
         self.child = Some(command.spawn().unwrap());
         self.wait_log_after(ready_mark, "worker ready");
+    }
+
+    /// AckWait 2 s, 10 s shutdown grace and no pulls, unless the test's own
+    /// arguments set them (a flag may be given once); tests that exercise
+    /// pulling say so with `--insecure-registry`.
+    fn defaults(&self) -> Vec<&'static str> {
+        let given = |flag: &str| self.args.iter().any(|arg| arg == flag);
+        let mut defaults = Vec::new();
+        for (flag, value) in [("--ack-wait", "2s"), ("--shutdown-grace", "10s")] {
+            if !given(flag) {
+                defaults.extend([flag, value]);
+            }
+        }
+        if !given("--insecure-registry") {
+            defaults.push("--no-pull");
+        }
+        defaults
     }
 
     /// Waits until the log, after byte `from`, contains `needle`.
