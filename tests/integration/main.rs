@@ -12,4 +12,5 @@ mod isolation;
 mod limits;
 mod pipeline;
 mod pipeline_poison;
+mod python_client;
 mod registry;
