@@ -242,6 +242,9 @@ pub async fn run(
     .map_err(WorkerError::Engine)?;
     let images = Arc::new(ImageStore::open(&config.data_dir).map_err(WorkerError::Images)?);
 
+    // Mirror from the first event on: the reconciliation below
+    // (`container_reaped`) is what an operator most wants to see.
+    recorder.mirror_to(client.clone());
     // Reap before anything else: nothing left behind must outlive a restart.
     reap_leftovers(&engine, &recorder, &config.worker_id).await?;
 
@@ -259,7 +262,6 @@ pub async fn run(
     };
     let consumer_config = jetstream.consumer.cached_info().config.clone();
     let max_payload = client.server_info().max_payload.max(64 * 1024);
-    recorder.mirror_to(client.clone());
     let shared = Arc::new(Shared {
         ack_wait: consumer_config.ack_wait,
         max_deliver: u64::try_from(consumer_config.max_deliver).unwrap_or(u64::MAX).max(1),
