@@ -11,6 +11,7 @@ mod images;
 mod isolation;
 mod limits;
 mod pipeline;
+mod pipeline_crash;
 mod pipeline_poison;
 mod python_client;
 mod registry;
