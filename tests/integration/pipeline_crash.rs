@@ -220,6 +220,20 @@ async fn crash_and_recover(point: &str) {
             "{point}: container {name} left at the crash was not reaped: {reaped:#?}"
         );
     }
+    // The restart settled the task the crash interrupted, before serving:
+    // what it did there is the step the dead process never took.
+    let (settled_kind, duplicate) = match point {
+        "after_stored" => ("result_published", Some(false)),
+        "after_published" => ("result_published", Some(true)),
+        "before_ack" => ("task_acked", None),
+        _ => ("task_released", None),
+    };
+    let settled: Vec<_> = in_run(starts[0], second_start, settled_kind)
+        .into_iter()
+        .filter(|event| event["event"]["task_id"] == first.as_str())
+        .filter(|event| duplicate.is_none_or(|duplicate| event["event"]["duplicate"] == duplicate))
+        .collect();
+    assert_eq!(settled.len(), 1, "{point}: the restart did not settle with {settled_kind}: {events:#?}");
     if !rerun {
         let again: Vec<_> = in_run(second_start, u64::MAX, "container_creating")
             .into_iter()
