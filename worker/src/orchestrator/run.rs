@@ -236,19 +236,37 @@ async fn keep_lease(message: Arc<Message>, ack_wait: Duration) {
     }
 }
 
-/// Acks with the server's confirmation, retried a few times; recorded once confirmed.
+/// Acks with the server's confirmation, retried within AckWait; recorded
+/// once confirmed.
+///
+/// Bounded by AckWait, not by the client's request timeout: past AckWait
+/// the server redelivers anyway and the log answers that delivery, so
+/// waiting longer only holds a slot. And a server restarted after a crash
+/// may have lost the delivery from its consumer state (it delivers the task
+/// afresh) and never answers an ack of it: five 10 s request timeouts held
+/// the slot for close to a minute, while the fresh delivery waited for it.
 async fn ack(shared: &Shared, message: &Message, task_id: &str) {
-    for attempt in 0..5u32 {
-        match message.double_ack().await {
-            Ok(()) => {
+    let deadline = tokio::time::Instant::now() + shared.ack_wait;
+    let per_try = (shared.ack_wait / 2).clamp(Duration::from_millis(500), Duration::from_secs(10));
+    let mut backoff = Duration::from_millis(100);
+    for attempt in 0u32.. {
+        match tokio::time::timeout(per_try, message.double_ack()).await {
+            Ok(Ok(())) => {
                 record(&shared.recorder, Event::TaskAcked { task_id: task_id.to_owned() }).await;
                 return;
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 tracing::warn!(task = %task_id, %error, attempt, "ack not confirmed; retrying");
-                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+            Err(_) => {
+                tracing::warn!(task = %task_id, attempt, ?per_try, "ack not confirmed in time; retrying");
             }
         }
+        if tokio::time::Instant::now() + backoff >= deadline {
+            break;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
     // The server redelivers after AckWait; the log answers that delivery.
     tracing::warn!(task = %task_id, "ack never confirmed; the redelivery will be answered from the log");
