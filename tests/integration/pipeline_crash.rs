@@ -386,3 +386,44 @@ async fn a_worker_paused_past_ack_wait_discards_its_result() {
     assert_log_replays_empty(&data_b);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_delivered_again_to_the_worker_running_it_runs_once() {
+    let dir = TestDir::new("pipeline-again");
+    let broker = Broker::start(&dir.path.join("nats")).await;
+    let data = dir.path.join("worker");
+    import_busybox(&data);
+    // A free slot keeps a pull request open, so the redelivery comes to the
+    // worker that still runs the task.
+    let mut worker = Worker::start(&data, &broker.url, "again", &["--concurrency", "2"]);
+    let agent = Agent::connect(&broker.url).await;
+    let mut seen = agent.subscribe_results().await;
+    let mut events = agent.client.subscribe("quilt.events.again.>").await.unwrap();
+    agent.client.flush().await.unwrap();
+
+    let id = agent.submit(&task("t-again", &["sh", "-c", "sleep 6; echo once"])).await;
+    next_event(&mut events, "container_started").await;
+    // Paused past AckWait (2 s): no progress acks, the server redelivers.
+    worker.signal(Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    worker.signal(Signal::SIGCONT);
+
+    let result = agent.result(&id, BOUND).await;
+    assert_eq!(result["stdout"], "once\n", "{result:#}");
+    wait_queue_empty(&agent).await;
+    assert!(worker.terminate().success(), "{}", worker.log_text());
+    assert!(
+        worker.log_text().contains("task delivered again while running here"),
+        "the task was not delivered again during its run: {}",
+        worker.log_text()
+    );
+    let log = mirrored_events(&agent, "again").await;
+    let runs = kinds_of(&log, "container_creating").count();
+    assert_eq!(runs, 1, "the task ran {runs} times: {log:#?}");
+    assert_eq!(kinds_of(&log, "result_discarded").count(), 0, "{log:#?}");
+    assert_eq!(agent.results_stored().await, 1);
+    assert_eq!(drain_results(&mut seen, QUIET).await, vec![id]);
+    assert_worker_left_nothing("again", &data);
+    assert_log_replays_empty(&data);
+    broker.stop().await;
+}

@@ -213,6 +213,8 @@ pub(crate) struct Shared {
     pub(crate) stopping: watch::Receiver<bool>,
     /// Flips to true when running tasks must be killed and handed back.
     pub(crate) abandoning: watch::Sender<bool>,
+    /// Tasks a handler of this process holds right now, by id.
+    pub(crate) in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Runs a worker on `client` until `stop` turns true, then drains.
@@ -274,6 +276,7 @@ pub async fn run(
         recorder,
         stopping: stop.clone(),
         abandoning: watch::Sender::new(false),
+        in_flight: std::sync::Mutex::default(),
     });
     run::settle_held_tasks(&shared).await;
     record(

@@ -114,6 +114,26 @@ pub(crate) async fn handle_delivery(shared: &Arc<Shared>, message: Message) {
     );
     let message = Arc::new(message);
 
+    // The server may deliver again a task this very process is running: its
+    // first delivery timed out (the worker was paused past AckWait) or a
+    // restarted server lost it. Keep this delivery's lease until that run
+    // ends, then answer from the log below, rather than run it twice at once.
+    let _in_flight = match InFlight::claim(shared, &task_id) {
+        Some(claim) => claim,
+        None => {
+            tracing::info!(task = %task_id, attempt, "task delivered again while running here; waiting for that run");
+            let progress = tokio::spawn(keep_lease(Arc::clone(&message), shared.ack_wait));
+            let claim = loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Some(claim) = InFlight::claim(shared, &task_id) {
+                    break claim;
+                }
+            };
+            progress.abort();
+            claim
+        }
+    };
+
     // A redelivery of a task whose result this worker already stored is
     // answered from the log, never rerun.
     let held = shared.recorder.state().tasks.get(&task_id).cloned();
@@ -219,6 +239,27 @@ pub(crate) async fn handle_delivery(shared: &Arc<Shared>, message: Message) {
         }
     }
     progress.abort();
+}
+
+/// A task held by one handler of this process; released on drop.
+struct InFlight {
+    shared: Arc<Shared>,
+    task_id: String,
+}
+
+impl InFlight {
+    /// Holds `task_id`, unless another handler of this process does.
+    fn claim(shared: &Arc<Shared>, task_id: &str) -> Option<InFlight> {
+        let mut held = shared.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        held.insert(task_id.to_owned())
+            .then(|| InFlight { shared: Arc::clone(shared), task_id: task_id.to_owned() })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.shared.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.task_id);
+    }
 }
 
 /// Progress acks (`+WPI`) every third of AckWait, so a long task keeps its
