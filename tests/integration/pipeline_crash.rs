@@ -412,15 +412,16 @@ async fn a_task_delivered_again_to_the_worker_running_it_runs_once() {
     assert_eq!(result["stdout"], "once\n", "{result:#}");
     wait_queue_empty(&agent).await;
     assert!(worker.terminate().success(), "{}", worker.log_text());
+    let log = mirrored_events(&agent, "again").await;
+    let runs = kinds_of(&log, "container_creating").count();
+    assert_eq!(runs, 1, "the task ran {runs} times: {log:#?}");
+    assert_eq!(kinds_of(&log, "result_discarded").count(), 0, "{log:#?}");
+    // The premise: the redelivery did reach this worker during the run.
     assert!(
         worker.log_text().contains("task delivered again while running here"),
         "the task was not delivered again during its run: {}",
         worker.log_text()
     );
-    let log = mirrored_events(&agent, "again").await;
-    let runs = kinds_of(&log, "container_creating").count();
-    assert_eq!(runs, 1, "the task ran {runs} times: {log:#?}");
-    assert_eq!(kinds_of(&log, "result_discarded").count(), 0, "{log:#?}");
     assert_eq!(agent.results_stored().await, 1);
     assert_eq!(drain_results(&mut seen, QUIET).await, vec![id]);
     assert_worker_left_nothing("again", &data);
