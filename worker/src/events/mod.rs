@@ -292,6 +292,21 @@ impl<E: Serialize + DeserializeOwned + Send + 'static> EventLog<E> {
         answer.await.map_err(|_| EventLogError::WriterGone)?
     }
 
+    /// Queues `event` without waiting for it to be durable; the returned
+    /// receiver answers with its sequence number once it is (drop it if
+    /// the answer does not matter). Appends are committed in the order they
+    /// are queued, and a failed commit fails every later append, so once
+    /// any later [`EventLog::append`] returns `Ok`, this event is durable
+    /// too: a caller can queue facts whose order matters but whose own
+    /// durability only matters together with the next awaited one (one
+    /// group commit instead of several).
+    pub fn append_queued(
+        &self,
+        event: E,
+    ) -> Result<oneshot::Receiver<Result<u64, EventLogError>>, EventLogError> {
+        self.submit(&event)
+    }
+
     /// [`EventLog::append`] for threads outside the async runtime (panics
     /// if called from within it, like any blocking wait).
     pub fn append_blocking(&self, event: E) -> Result<u64, EventLogError> {

@@ -331,3 +331,26 @@ fn a_failed_commit_answers_every_waiter_of_its_batch_with_the_error() {
     assert_eq!(log.last_seq(), 1);
     assert_eq!(log.commits(), 1);
 }
+
+#[tokio::test]
+async fn queued_appends_are_durable_in_order_once_a_later_append_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.redb");
+    {
+        let log = EventLog::<u64>::open(&path).unwrap();
+        let mut answers = Vec::new();
+        for value in 0..100u64 {
+            answers.push(log.append_queued(value).unwrap());
+        }
+        let last = log.append(100).await.unwrap();
+        assert_eq!(last, 101);
+        // The queued ones were answered too, in order.
+        for (index, answer) in answers.into_iter().enumerate() {
+            assert_eq!(answer.await.unwrap().unwrap(), index as u64 + 1);
+        }
+    }
+    let log = EventLog::<u64>::open(&path).unwrap();
+    let mut seen = Vec::new();
+    log.replay(1, |seq, value| seen.push((seq, value))).unwrap();
+    assert_eq!(seen, (0..=100u64).map(|value| (value + 1, value)).collect::<Vec<_>>());
+}

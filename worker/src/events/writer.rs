@@ -65,6 +65,11 @@ pub(crate) fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
     let mut batch = Vec::with_capacity(64);
+    // After a failed commit every later command fails too: an append whose
+    // answer nobody awaits (`EventLog::append_queued`) is then never
+    // followed by a durable one, so "a later append succeeded" keeps
+    // meaning "every earlier one is durable".
+    let mut poisoned: Option<BatchFailure> = None;
     while let Some(first) = commands.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -73,11 +78,20 @@ pub(crate) fn run(
                 Err(_) => break,
             }
         }
-        write_batch(&db, &counters, &mut batch);
+        if let Some(failure) = &poisoned {
+            for command in batch.drain(..) {
+                match command {
+                    Command::Append { reply, .. } => drop(reply.send(Err(failure.clone().into()))),
+                    Command::Snapshot { reply, .. } => drop(reply.send(Err(failure.clone().into()))),
+                }
+            }
+            continue;
+        }
+        poisoned = write_batch(&db, &counters, &mut batch).err();
     }
 }
 
-fn write_batch(db: &Database, counters: &Counters, batch: &mut Vec<Command>) {
+fn write_batch(db: &Database, counters: &Counters, batch: &mut Vec<Command>) -> Result<(), BatchFailure> {
     let last_seq = counters.last_seq.load(Ordering::Acquire);
     let mut pending = Vec::with_capacity(batch.len());
     let mut commands = std::mem::take(batch).into_iter();
@@ -99,6 +113,7 @@ fn write_batch(db: &Database, counters: &Counters, batch: &mut Vec<Command>) {
                     Pending::Snapshotted(reply) => drop(reply.send(Ok(()))),
                 }
             }
+            Ok(())
         }
         Err(failure) => {
             tracing::error!(error = %EventLogError::from(failure.clone()), "event log transaction failed");
@@ -114,6 +129,7 @@ fn write_batch(db: &Database, counters: &Counters, batch: &mut Vec<Command>) {
                     Command::Snapshot { reply, .. } => drop(reply.send(Err(failure.clone().into()))),
                 }
             }
+            Err(failure)
         }
     }
 }
