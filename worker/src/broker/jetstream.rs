@@ -216,7 +216,21 @@ pub async fn ensure(context: &Context, settings: &JetStreamSettings) -> Result<J
         stream::Config {
             name: subjects::RESULTS_STREAM.into(),
             description: Some("Quilt results: one per task id".into()),
-            subjects: vec![subjects::RESULTS_ALL.into()],
+            // Workers publish on quilt.worker.results.<id>; the result is
+            // stored as quilt.results.<id> and, once stored, republished
+            // there. A publish the stream refuses (a second result for the
+            // task) therefore never reaches anyone, not even a plain
+            // subscriber. Needs nats-server 2.10+.
+            subjects: vec![subjects::RESULTS_INPUT_ALL.into()],
+            subject_transform: Some(stream::SubjectTransform {
+                source: subjects::RESULTS_INPUT_ALL.into(),
+                destination: "quilt.results.{{wildcard(1)}}".into(),
+            }),
+            republish: Some(stream::Republish {
+                source: subjects::RESULTS_ALL.into(),
+                destination: "quilt.results.{{wildcard(1)}}".into(),
+                headers_only: false,
+            }),
             retention: RetentionPolicy::Limits,
             storage: StorageType::File,
             max_age: settings.results_max_age,
@@ -235,9 +249,12 @@ pub async fn ensure(context: &Context, settings: &JetStreamSettings) -> Result<J
             description: Some("Quilt live output, kept briefly for replay".into()),
             subjects: vec![subjects::OUTPUT_ALL.into()],
             retention: RetentionPolicy::Limits,
-            storage: StorageType::File,
+            // Live output is a convenience for replay (the result carries
+            // the output): memory storage spares it the fsync per message
+            // that `sync_interval: always` costs file streams.
+            storage: StorageType::Memory,
             max_age: settings.output_max_age,
-            max_bytes: 1024 * 1024 * 1024,
+            max_bytes: 96 * 1024 * 1024,
             discard: DiscardPolicy::Old,
             num_replicas: replicas,
             allow_direct: true,
@@ -252,9 +269,11 @@ pub async fn ensure(context: &Context, settings: &JetStreamSettings) -> Result<J
             description: Some("Quilt workers' lifecycle events (mirrors of their event logs)".into()),
             subjects: vec![subjects::EVENTS_ALL.into()],
             retention: RetentionPolicy::Limits,
-            storage: StorageType::File,
+            // A mirror for observability; each worker's redb log is the
+            // durable record. Memory storage, bounded, no fsync per event.
+            storage: StorageType::Memory,
             max_age: settings.events_max_age,
-            max_bytes: 512 * 1024 * 1024,
+            max_bytes: 64 * 1024 * 1024,
             discard: DiscardPolicy::Old,
             num_replicas: replicas,
             ..Default::default()
@@ -289,6 +308,22 @@ async fn ensure_stream(context: &Context, config: stream::Config) -> Result<stre
         subjects::EVENTS_STREAM => subjects::EVENTS_STREAM,
         _ => subjects::DLQ_STREAM,
     };
+    // Output and events are replayable conveniences, not records: when an
+    // older build made them with another storage type (which a stream
+    // update cannot change), they are recreated rather than refused.
+    let disposable = name == subjects::OUTPUT_STREAM || name == subjects::EVENTS_STREAM;
+    if disposable {
+        if let Ok(mut existing) = context.get_stream(name).await {
+            let storage = existing.info().await.map(|info| info.config.storage).ok();
+            if storage.is_some_and(|storage| storage != config.storage) {
+                tracing::warn!(stream = name, "recreating the stream with this build's storage type");
+                context
+                    .delete_stream(name)
+                    .await
+                    .map_err(|source| SetupError::Stream { name, source: source.into() })?;
+            }
+        }
+    }
     context
         .create_or_update_stream(config)
         .await

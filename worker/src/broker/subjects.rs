@@ -34,6 +34,16 @@ pub fn result(task_id: &str) -> String {
 /// Every result subject.
 pub const RESULTS_ALL: &str = "quilt.results.*";
 
+/// `quilt.worker.results.<task_id>`: where workers publish a result. Only
+/// `QUILT_RESULTS` listens there; it stores the result as
+/// `quilt.results.<task_id>` and republishes it on that subject once stored.
+pub fn result_input(task_id: &str) -> String {
+    format!("quilt.worker.results.{task_id}")
+}
+
+/// Every subject workers publish results on.
+pub const RESULTS_INPUT_ALL: &str = "quilt.worker.results.*";
+
 /// `quilt.output.<task_id>.<stream>` where stream is `stdout` or `stderr`.
 pub fn output(task_id: &str, stream: &str) -> String {
     format!("quilt.output.{task_id}.{stream}")
