@@ -53,7 +53,10 @@ pub(crate) enum Command {
 /// Parse, run, map the result to an exit code.
 pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The long-running roles report what they do (a retried NATS set-up, a
+    // reaped container) by default; the other verbs print only their output.
+    let serving = matches!(cli.command, Command::Up(_) | Command::Worker(_));
+    init_logging(if serving { Some("quilt=info") } else { None });
     let result = match cli.command {
         Command::Up(args) => worker::up(&cli.data_dir, *args),
         Command::Worker(args) => worker::join(&cli.data_dir, *args),
@@ -94,13 +97,14 @@ pub(crate) fn one_line(error: &anyhow::Error) -> String {
     text
 }
 
-fn init_logging() {
-    // Logging is opt-in through QUILT_LOG (e.g. QUILT_LOG=debug) so that a
-    // plain `quilt run` prints nothing but the container's own output.
-    if let Ok(filter) = std::env::var("QUILT_LOG") {
+fn init_logging(default: Option<&str>) {
+    // QUILT_LOG (e.g. QUILT_LOG=debug) sets the filter; without it a plain
+    // `quilt run` prints nothing but the container's own output.
+    if let Some(filter) = std::env::var("QUILT_LOG").ok().or(default.map(str::to_owned)) {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .try_init();
     }
 }

@@ -448,6 +448,15 @@ pub(crate) async fn record(recorder: &Recorder, event: Event) -> u64 {
     }
 }
 
+/// Queues an event ([`Recorder::note`]); a log that refuses it is fatal, as for [`record`].
+pub(crate) fn note(recorder: &Recorder, event: Event) {
+    if let Err(error) = recorder.note(event) {
+        tracing::error!(%error, "cannot append to the event log; stopping the worker");
+        eprintln!("quilt: the event log cannot be written ({error}); stopping");
+        std::process::exit(70);
+    }
+}
+
 /// Sleeps `duration`, or less if the worker is told to stop; true when stopping.
 pub(crate) async fn wait_or_stop(stop: &watch::Receiver<bool>, duration: Duration) -> bool {
     let mut stop = stop.clone();

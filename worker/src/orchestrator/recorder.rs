@@ -58,6 +58,31 @@ impl Recorder {
     pub(crate) async fn record(&self, event: Event) -> Result<u64, EventLogError> {
         let seq = self.inner.log.append(event.clone()).await?;
         self.state().apply(seq, &event);
+        self.after_commit(seq, event).await;
+        Ok(seq)
+    }
+
+    /// Queues `event` and folds it in at once, without waiting for it to be
+    /// durable: it becomes durable with the next awaited [`Recorder::record`]
+    /// at the latest (the log commits in order and refuses everything after
+    /// a failed commit). For facts whose durability matters only together
+    /// with a later one, such as `container_started` before `result_stored`.
+    pub(crate) fn note(&self, event: Event) -> Result<(), EventLogError> {
+        let answer = self.inner.log.append_queued(event.clone())?;
+        // Folded now, in program order; the sequence number only matters
+        // to snapshots, which are rebuilt from the log itself.
+        self.state().apply(self.inner.log.last_seq() + 1, &event);
+        let recorder = self.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok(seq)) = answer.await {
+                recorder.after_commit(seq, event).await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Mirrors a committed event and compacts the log when it is due.
+    async fn after_commit(&self, seq: u64, event: Event) {
         let client = self.inner.client.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(client) = client {
             let message = EventMessage {
@@ -85,7 +110,6 @@ impl Recorder {
                 }
             });
         }
-        Ok(seq)
     }
 
     /// Replaces every committed event by a snapshot of the state they fold

@@ -19,7 +19,7 @@ use crate::protocol::{
     OutputStream, ResultTimings, ResultUsage, Task, TaskResult, TaskStatus, Truncated, SCHEMA_VERSION,
 };
 
-use super::{plan, record, wait_or_stop, CrashPoint, Shared};
+use super::{note, plan, record, wait_or_stop, CrashPoint, Shared};
 
 /// Why a task did not produce a result on this delivery.
 enum Failure {
@@ -150,13 +150,17 @@ pub(crate) async fn handle_delivery(shared: &Arc<Shared>, message: Message) {
     // Another worker may have finished it (this delivery is a redelivery
     // after that worker's ack was lost, or a duplicate publish outside the
     // dedupe window): its result stands.
-    if let Some(existing) = existing_result(shared, &task_id).await {
+    // The claim is recorded while the results stream is asked: two round
+    // trips at once on every task's path.
+    let (existing, _) = tokio::join!(
+        existing_result(shared, &task_id),
+        record(&shared.recorder, Event::TaskClaimed { task_id: task_id.clone(), stream_seq, attempt })
+    );
+    if let Some(existing) = existing {
         tracing::info!(task = %task_id, by = %existing.worker_id, "task already has a result; not running it again");
-        record(&shared.recorder, Event::TaskClaimed { task_id: task_id.clone(), stream_seq, attempt }).await;
         ack(shared, &message, &task_id).await;
         return;
     }
-    record(&shared.recorder, Event::TaskClaimed { task_id: task_id.clone(), stream_seq, attempt }).await;
     crash_if(shared, CrashPoint::AfterFetch);
 
     let progress = tokio::spawn(keep_lease(Arc::clone(&message), shared.ack_wait));
@@ -293,7 +297,9 @@ async fn ack(shared: &Shared, message: &Message, task_id: &str) {
     for attempt in 0u32.. {
         match tokio::time::timeout(per_try, message.double_ack()).await {
             Ok(Ok(())) => {
-                record(&shared.recorder, Event::TaskAcked { task_id: task_id.to_owned() }).await;
+                // Queued: if it is lost in a crash, the restart finds the
+                // result published and removes the (already gone) message.
+                note(&shared.recorder, Event::TaskAcked { task_id: task_id.to_owned() });
                 return;
             }
             Ok(Err(error)) => {
@@ -319,23 +325,23 @@ async fn publish_and_record(shared: &Shared, result: &TaskResult) -> bool {
     match publish_result(shared, result).await {
         Publication::Stored(seq) => {
             crash_if(shared, CrashPoint::AfterPublished);
-            record(
+            // Queued: if it is lost in a crash, the restart publishes again,
+            // finds this result stored and records it then.
+            note(
                 &shared.recorder,
                 Event::ResultPublished {
                     task_id: result.id.clone(),
                     result_seq: Some(seq),
                     duplicate: false,
                 },
-            )
-            .await;
+            );
             true
         }
         Publication::AlreadyThere { ours: true } => {
-            record(
+            note(
                 &shared.recorder,
                 Event::ResultPublished { task_id: result.id.clone(), result_seq: None, duplicate: true },
-            )
-            .await;
+            );
             true
         }
         Publication::AlreadyThere { ours: false } => {
@@ -387,10 +393,14 @@ async fn existing_result(shared: &Shared, task_id: &str) -> Option<TaskResult> {
 }
 
 /// Publishes `result` so that `QUILT_RESULTS` holds at most one result per
-/// task: message id = task id (duplicate window) and an expected last
-/// subject sequence of 0 (no result yet). Retries while NATS is away.
+/// task, whoever publishes: message id = task id (duplicate window) and an
+/// expected last subject sequence of 0 (no result yet). Workers publish on
+/// `quilt.worker.results.<id>`; the stream stores the result as
+/// `quilt.results.<id>` and only then republishes it there, so even a plain
+/// subscriber never sees a result the stream refused. Retries while NATS is
+/// away.
 async fn publish_result(shared: &Shared, result: &TaskResult) -> Publication {
-    let subject = subjects::result(&result.id);
+    let subject = subjects::result_input(&result.id);
     let payload = match serde_json::to_vec(result) {
         Ok(payload) => bytes::Bytes::from(payload),
         Err(error) => {
@@ -402,12 +412,6 @@ async fn publish_result(shared: &Shared, result: &TaskResult) -> Publication {
     let mut backoff = Duration::from_millis(100);
     let mut abandoning = shared.abandoning.subscribe();
     loop {
-        if let Some(existing) = existing_result(shared, &result.id).await {
-            let ours = existing.worker_id == result.worker_id
-                && existing.container_id == result.container_id
-                && existing.attempt == result.attempt;
-            return Publication::AlreadyThere { ours };
-        }
         let publish = Publish::build()
             .payload(payload.clone())
             .message_id(&result.id)
@@ -416,22 +420,23 @@ async fn publish_result(shared: &Shared, result: &TaskResult) -> Publication {
             let ack = shared.jetstream.context.send_publish(subject.clone(), publish).await?;
             ack.await
         };
-        match attempt.await {
+        let already_there = match attempt.await {
             Ok(ack) if !ack.duplicate => return Publication::Stored(ack.sequence),
-            // Stored before (by this worker before a crash, or another):
-            // the lookup at the top of the loop tells whose.
-            Ok(_) => {
-                if let Some(existing) = existing_result(shared, &result.id).await {
-                    let ours = existing.worker_id == result.worker_id
-                        && existing.container_id == result.container_id
-                        && existing.attempt == result.attempt;
-                    return Publication::AlreadyThere { ours };
-                }
-                return Publication::AlreadyThere { ours: false };
-            }
-            Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => continue,
+            Ok(_) => true,
+            Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => true,
             Err(error) => {
                 tracing::warn!(task = %result.id, %error, "publishing the result failed; retrying");
+                false
+            }
+        };
+        // Stored before: by this worker before a crash, or by another
+        // delivery of the task. The stored one tells whose it is.
+        if already_there {
+            if let Some(existing) = existing_result(shared, &result.id).await {
+                let ours = existing.worker_id == result.worker_id
+                    && existing.container_id == result.container_id
+                    && existing.attempt == result.attempt;
+                return Publication::AlreadyThere { ours };
             }
         }
         tokio::select! {
@@ -561,21 +566,21 @@ async fn execute(
     let mut container = match shared.engine.create(spec) {
         Ok(container) => container,
         Err(error) => {
-            record(&shared.recorder, removed()).await;
+            note(&shared.recorder, removed());
             return Err(engine_failure(shared, task_id, attempt, &error, &container_id));
         }
     };
     if let Err(error) = container.start().await {
         let _ = container.finish().await;
-        record(&shared.recorder, removed()).await;
+        note(&shared.recorder, removed());
         return Err(engine_failure(shared, task_id, attempt, &error, &container_id));
     }
     if let Some(pid) = container.pid() {
-        record(
+        // Queued: the reaping after a crash goes by `container_creating`.
+        note(
             &shared.recorder,
             Event::ContainerStarted { task_id: task_id.to_owned(), container_id: container_id.clone(), pid },
-        )
-        .await;
+        );
     }
     crash_if(shared, CrashPoint::AfterStart);
     let mut streams = Vec::new();
@@ -610,7 +615,7 @@ async fn execute(
         let _ = stream.await;
     }
     drop(lease);
-    record(&shared.recorder, removed()).await;
+    note(&shared.recorder, removed());
     if abandoned {
         return Err(Failure::Abandoned);
     }
