@@ -4,7 +4,7 @@
 //! It owns everything under `<data-dir>/images/`. It produces root
 //! filesystem layers (snapshot directories, read-only) and run settings for
 //! the engine, and knows nothing of namespaces or cgroups. Layers are hostile
-//! input: they are unpacked by [`unpack`] under the rules of SECURITY.md
+//! input: they are unpacked by `unpack` under the rules of SECURITY.md
 //! ("Images and files"), and every blob is verified against its digest.
 
 mod import;

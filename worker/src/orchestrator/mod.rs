@@ -15,9 +15,10 @@
 //!    the delivery is acked without running.
 //! 3. `task_claimed`; the task is parsed and validated. Bad input gets a
 //!    `rejected` result naming the field, and is never redelivered.
-//! 4. The image is found (or pulled); `container_creating` is recorded
-//!    before the container exists, so a crash at any later point knows what
-//!    to reap. Output is published live; progress acks (`+WPI`) keep the
+//! 4. The image is found (or pulled) and the container made. Its id is
+//!    `<worker_id>.<random>`, so whatever a crash leaves is found at the
+//!    next start by that naming even if `container_creating` never reached
+//!    the disk. Output is published live; progress acks (`+WPI`) keep the
 //!    lease while the task runs.
 //! 5. `result_stored`, durable, *then* the result is published with
 //!    `Nats-Msg-Id` = task id and `Nats-Expected-Last-Subject-Sequence: 0`,
@@ -31,6 +32,14 @@
 //!    it is dead-lettered on `quilt.dlq` instead, and an `error` result
 //!    tells the agent. A task that kills its worker every time is
 //!    dead-lettered from the server's max-deliveries advisory.
+//!
+//! Which events are awaited: only those a later step relies on being on
+//! disk: `result_stored` before the publish, and the terminal ones
+//! (`task_released`, `dead_lettered`, `result_discarded`, reconciliation).
+//! The others are queued (`Recorder::note`): the log commits in order
+//! and a failed commit refuses everything after it, so each queued event is
+//! durable by the time the next awaited one is, and one fsync covers a
+//! whole phase of a task.
 //!
 //! At start the log is replayed, then reconciled with reality: every
 //! container the log says may exist (and any leftover of this worker's

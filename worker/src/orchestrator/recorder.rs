@@ -28,6 +28,8 @@ struct Inner {
     client: Mutex<Option<async_nats::Client>>,
     since_snapshot: AtomicU64,
     compacting: Mutex<()>,
+    /// Queued events not yet answered by the log.
+    unanswered: AtomicU64,
 }
 
 impl Recorder {
@@ -40,6 +42,7 @@ impl Recorder {
                 client: Mutex::new(None),
                 since_snapshot: AtomicU64::new(0),
                 compacting: Mutex::new(()),
+                unanswered: AtomicU64::new(0),
             }),
         }
     }
@@ -72,13 +75,26 @@ impl Recorder {
         // Folded now, in program order; the sequence number only matters
         // to snapshots, which are rebuilt from the log itself.
         self.state().apply(self.inner.log.last_seq() + 1, &event);
+        self.inner.unanswered.fetch_add(1, Ordering::AcqRel);
         let recorder = self.clone();
         tokio::spawn(async move {
-            if let Ok(Ok(seq)) = answer.await {
+            let answer = answer.await;
+            recorder.inner.unanswered.fetch_sub(1, Ordering::AcqRel);
+            if let Ok(Ok(seq)) = answer {
                 recorder.after_commit(seq, event).await;
             }
         });
         Ok(())
+    }
+
+    /// Waits (at most a few seconds) until every queued event was answered
+    /// by the log: the crash points use it, so "crash after X" means X is
+    /// durable.
+    pub(crate) async fn settle(&self) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.inner.unanswered.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
     }
 
     /// Mirrors a committed event and compacts the log when it is due.

@@ -62,8 +62,10 @@ fn identify(
         .unwrap_or_else(|| format!("seq-{stream_seq}"))
 }
 
-fn crash_if(shared: &Shared, point: CrashPoint) {
+async fn crash_if(shared: &Shared, point: CrashPoint) {
     if shared.config.crash_at == Some(point) {
+        // "After X" means X is durable: let queued events reach the disk.
+        shared.recorder.settle().await;
         tracing::warn!(?point, "crashing on purpose (crash_at)");
         let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
     }
@@ -150,18 +152,16 @@ pub(crate) async fn handle_delivery(shared: &Arc<Shared>, message: Message) {
     // Another worker may have finished it (this delivery is a redelivery
     // after that worker's ack was lost, or a duplicate publish outside the
     // dedupe window): its result stands.
-    // The claim is recorded while the results stream is asked: two round
-    // trips at once on every task's path.
-    let (existing, _) = tokio::join!(
-        existing_result(shared, &task_id),
-        record(&shared.recorder, Event::TaskClaimed { task_id: task_id.clone(), stream_seq, attempt })
-    );
-    if let Some(existing) = existing {
+    // Queued, not awaited: nothing that follows needs the claim on disk
+    // first. After a crash the server redelivers the task either way, and
+    // its containers are found by this worker's naming.
+    note(&shared.recorder, Event::TaskClaimed { task_id: task_id.clone(), stream_seq, attempt });
+    if let Some(existing) = existing_result(shared, &task_id).await {
         tracing::info!(task = %task_id, by = %existing.worker_id, "task already has a result; not running it again");
         ack(shared, &message, &task_id).await;
         return;
     }
-    crash_if(shared, CrashPoint::AfterFetch);
+    crash_if(shared, CrashPoint::AfterFetch).await;
 
     let progress = tokio::spawn(keep_lease(Arc::clone(&message), shared.ack_wait));
     let outcome = match parsed {
@@ -235,9 +235,9 @@ pub(crate) async fn handle_delivery(shared: &Arc<Shared>, message: Message) {
     if let Some(result) = finished {
         let result = fit_result(result, shared.max_payload);
         record(&shared.recorder, Event::ResultStored { result: result.clone() }).await;
-        crash_if(shared, CrashPoint::AfterStored);
+        crash_if(shared, CrashPoint::AfterStored).await;
         if publish_and_record(shared, &result).await {
-            crash_if(shared, CrashPoint::BeforeAck);
+            crash_if(shared, CrashPoint::BeforeAck).await;
             progress.abort();
             ack(shared, &message, &task_id).await;
         }
@@ -324,7 +324,7 @@ async fn ack(shared: &Shared, message: &Message, task_id: &str) {
 async fn publish_and_record(shared: &Shared, result: &TaskResult) -> bool {
     match publish_result(shared, result).await {
         Publication::Stored(seq) => {
-            crash_if(shared, CrashPoint::AfterPublished);
+            crash_if(shared, CrashPoint::AfterPublished).await;
             // Queued: if it is lost in a crash, the restart publishes again,
             // finds this result stored and records it then.
             note(
@@ -556,11 +556,12 @@ async fn execute(
             None,
         )))
     })?;
-    record(
+    // Queued: a crash from here on is cleaned up by the start-up sweep of
+    // every container named `<worker_id>.*`, recorded or not.
+    note(
         &shared.recorder,
         Event::ContainerCreating { task_id: task_id.to_owned(), container_id: container_id.clone() },
-    )
-    .await;
+    );
     let removed =
         || Event::ContainerRemoved { task_id: task_id.to_owned(), container_id: container_id.clone() };
     let mut container = match shared.engine.create(spec) {
@@ -582,7 +583,7 @@ async fn execute(
             Event::ContainerStarted { task_id: task_id.to_owned(), container_id: container_id.clone(), pid },
         );
     }
-    crash_if(shared, CrashPoint::AfterStart);
+    crash_if(shared, CrashPoint::AfterStart).await;
     let mut streams = Vec::new();
     for (stream, follower) in
         [(OutputStream::Stdout, container.follow_stdout()), (OutputStream::Stderr, container.follow_stderr())]
@@ -620,7 +621,7 @@ async fn execute(
         return Err(Failure::Abandoned);
     }
     let outcome = finished.map_err(|error| Failure::Retry(error_info(error.kind(), &error)))?;
-    crash_if(shared, CrashPoint::AfterExit);
+    crash_if(shared, CrashPoint::AfterExit).await;
     Ok(outcome_result(shared, task_id, attempt, &outcome, image_ms))
 }
 
