@@ -13,5 +13,6 @@ mod limits;
 mod pipeline;
 mod pipeline_crash;
 mod pipeline_poison;
+mod pipeline_tls;
 mod python_client;
 mod registry;

@@ -23,3 +23,15 @@ pub mod events;
 pub mod image;
 pub mod orchestrator;
 pub mod protocol;
+
+/// Chooses rustls's cryptography provider for the whole process, once.
+/// Two dependencies (the NATS client and the registry client) enable
+/// different providers of rustls; with both compiled in, rustls refuses to
+/// guess and panics at the first TLS connection unless one is installed.
+pub(crate) fn install_crypto_provider() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        // An error means another part of the process installed one first: fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

@@ -99,6 +99,7 @@ pub struct ConnectConfig {
 /// itself, forever, with backoff; publishes made while disconnected are
 /// buffered (and JetStream requests time out, which callers retry).
 pub async fn connect(config: &ConnectConfig) -> Result<async_nats::Client, SetupError> {
+    crate::install_crypto_provider();
     let mut options = async_nats::ConnectOptions::new()
         .name(&config.name)
         .connection_timeout(Duration::from_secs(5))

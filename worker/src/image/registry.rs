@@ -95,6 +95,7 @@ impl ImageStore {
     /// Blocking: it runs its own small tokio runtime for the downloads, so an
     /// async caller must call it from `spawn_blocking`, not from a task.
     pub fn pull(&self, name: &str, options: &PullOptions) -> Result<ImageRecord, ImageError> {
+        crate::install_crypto_provider();
         let reference = Reference::parse(name)?;
         let auth = credentials_for(&reference, options.credentials.as_deref())?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
