@@ -2,9 +2,12 @@
 //!
 //! [`ChildPlan::prepare`] runs in the runtime (allocating freely) and turns a
 //! spec into C strings, descriptor numbers and pointer arrays. [`run`] runs in
-//! the child that clone3 made, which in a multi-threaded runtime may only
-//! make async-signal-safe calls: it allocates nothing, takes no lock and logs
-//! nothing (STYLE.md rule 4). It is a strictly ordered script; each step that
+//! the child that [`spawn`] cloned, which in a multi-threaded runtime may
+//! only make async-signal-safe calls: it allocates nothing, takes no lock and
+//! logs nothing (STYLE.md rule 4). On cgroup v1 that child even shares the
+//! runtime's memory (vfork style, on a stack of its own) until it execs: the
+//! only memory of the parent it writes besides that stack is the calling
+//! thread's errno, and that thread is suspended until the exec. It is a strictly ordered script; each step that
 //! can fail has a [`SetupStep`], and a failure is reported to the parent over
 //! a close-on-exec pipe as `(step, errno)` before the child exits. End of
 //! file on that pipe means the exec succeeded.
@@ -385,10 +388,80 @@ pub(super) struct Spawned {
     pub(super) pidfd: OwnedFd,
 }
 
-/// clone3 the container's first process into fresh `namespaces` (and, on
-/// cgroup v2, straight into the cgroup directory `cgroup_dir`); the child
+/// Stack of the vfork-style child: the setup script's frames are small (no
+/// buffers, no recursion); the guard page below catches a mistake.
+const CHILD_STACK_SIZE: usize = 256 * 1024;
+
+/// Clones the container's first process into fresh `namespaces`; the child
 /// runs [`run`] with `plan` and never returns here.
+///
+/// Without a cgroup v2 directory (cgroup v1, where the child attaches itself)
+/// the child shares our address space and we wait until it has exec'd or
+/// exited (`CLONE_VM | CLONE_VFORK`, as posix_spawn does). A fork-style clone
+/// of this multi-threaded process would copy and write-protect its page
+/// tables and flush the TLB of every CPU running one of its threads: that
+/// was the largest cost of a task at full load. On cgroup v2, clone3's
+/// `CLONE_INTO_CGROUP` puts the child straight into its cgroup, which only
+/// clone3 offers, and clone3 cannot start a child on a new stack without
+/// assembly, so that path keeps fork semantics.
 pub(super) fn spawn(plan: &ChildPlan, namespaces: u64, cgroup_dir: Option<RawFd>) -> Result<Spawned, Errno> {
+    match cgroup_dir {
+        None => spawn_sharing_memory(plan, namespaces),
+        Some(dir) => spawn_forked(plan, namespaces, Some(dir)),
+    }
+}
+
+extern "C" fn child_entry(plan: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `spawn_sharing_memory` passes a pointer to a plan that stays
+    // alive (its caller is suspended by CLONE_VFORK) until we exec or exit.
+    unsafe { run(&*(plan as *const ChildPlan)) }
+}
+
+fn spawn_sharing_memory(plan: &ChildPlan, namespaces: u64) -> Result<Spawned, Errno> {
+    let stack = sys::ChildStack::new(CHILD_STACK_SIZE)?;
+    let namespaces = libc::c_int::try_from(namespaces).map_err(|_| Errno::EINVAL)?;
+    let flags =
+        namespaces | libc::CLONE_VM | libc::CLONE_VFORK | sys::CLONE_PIDFD as libc::c_int | libc::SIGCHLD;
+    let mut pidfd: libc::c_int = -1;
+    // Every signal blocked while the child shares our memory: a handler of
+    // ours (tokio's, which writes to the runtime's pipe) must not run in it
+    // before its `reset_signals` step restores defaults and unblocks.
+    // SAFETY: sigset_t is plain data that sigfillset initialises.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid sigset pointers; this thread's mask only.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
+    }
+    // SAFETY: the child runs `child_entry` on its own stack with `plan`,
+    // making only async-signal-safe calls on memory the plan owns; this
+    // thread is suspended until the child has exec'd or exited, so the plan
+    // and the stack outlive the child's use of them. CLONE_PIDFD stores a
+    // new descriptor in `pidfd` (the parent_tid argument).
+    let pid = unsafe {
+        libc::clone(
+            child_entry,
+            stack.top(),
+            flags,
+            plan as *const ChildPlan as *mut libc::c_void,
+            &mut pidfd as *mut libc::c_int,
+        )
+    };
+    let error = Errno::last();
+    // SAFETY: restoring this thread's own mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
+    drop(stack);
+    if pid == -1 {
+        return Err(error);
+    }
+    // SAFETY: clone with CLONE_PIDFD stored a new descriptor that we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok(Spawned { pid, pidfd })
+}
+
+fn spawn_forked(plan: &ChildPlan, namespaces: u64, cgroup_dir: Option<RawFd>) -> Result<Spawned, Errno> {
     let mut pidfd: libc::c_int = -1;
     let mut args = sys::CloneArgs {
         flags: namespaces | sys::CLONE_PIDFD,

@@ -1,5 +1,6 @@
 //! Thin wrappers over the Linux system calls the engine needs and that
-//! neither libc nor nix wraps: clone3, openat2, the new mount API (fsopen,
+//! neither libc nor nix wraps: clone3 (and a stack for glibc's clone with
+//! `CLONE_VM`), openat2, the new mount API (fsopen,
 //! fsconfig, fsmount, open_tree, move_mount, mount_setattr), pidfd calls,
 //! capset and close_range.
 //!
@@ -109,6 +110,61 @@ pub(super) unsafe fn clone3(args: &mut CloneArgs) -> Result<libc::pid_t, Errno> 
     let result =
         unsafe { libc::syscall(libc::SYS_clone3, args as *mut CloneArgs, std::mem::size_of::<CloneArgs>()) };
     check(result).map(|pid| pid as libc::pid_t)
+}
+
+/// A stack for a child that shares our address space (`CLONE_VM`):
+/// anonymous memory with an inaccessible guard page below it, unmapped on
+/// drop. Only touched pages cost memory.
+pub(super) struct ChildStack {
+    base: *mut libc::c_void,
+    size: usize,
+}
+
+impl ChildStack {
+    /// Maps `size` bytes of stack plus a guard page.
+    pub(super) fn new(size: usize) -> Result<ChildStack, Errno> {
+        let guard = 4096;
+        let total = size + guard;
+        // SAFETY: an anonymous private mapping at an address of the
+        // kernel's choosing; the result is checked below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        // SAFETY: the first page of the mapping just made; a stack overflow
+        // then faults instead of writing over whatever lies below.
+        if unsafe { libc::mprotect(base, guard, libc::PROT_NONE) } != 0 {
+            let error = Errno::last();
+            // SAFETY: unmapping exactly the mapping made above.
+            unsafe { libc::munmap(base, total) };
+            return Err(error);
+        }
+        Ok(ChildStack { base, size: total })
+    }
+
+    /// The highest address: stacks grow down on every Linux target we run on.
+    pub(super) fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of the mapping, which is where a
+        // downward-growing stack starts.
+        unsafe { self.base.cast::<u8>().add(self.size).cast() }
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; whoever ran on it (a vfork-style
+        // child) has exec'd or exited by the time its owner drops it.
+        unsafe { libc::munmap(self.base, self.size) };
+    }
 }
 
 /// openat2(2).
