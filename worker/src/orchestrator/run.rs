@@ -808,9 +808,39 @@ async fn dead_letter(
     message: &Message,
     error: ErrorInfo,
 ) {
-    let headers = message
+    let letter = dead_letter_of(
+        shared,
+        task_id,
+        attempts,
+        error.clone(),
+        TaskMessage {
+            stream_seq,
+            subject: &message.subject,
+            headers: message.headers.as_ref(),
+            payload: &message.payload,
+        },
+    );
+    publish_dead_letter(shared, letter).await;
+    record(&shared.recorder, Event::DeadLettered { task_id: task_id.to_owned(), attempts, error }).await;
+}
+
+/// A task message as `QUILT_TASKS` holds it.
+struct TaskMessage<'a> {
+    stream_seq: u64,
+    subject: &'a str,
+    headers: Option<&'a async_nats::HeaderMap>,
+    payload: &'a [u8],
+}
+
+fn dead_letter_of(
+    shared: &Shared,
+    task_id: &str,
+    attempts: u64,
+    error: ErrorInfo,
+    task: TaskMessage<'_>,
+) -> DeadLetter {
+    let headers: BTreeMap<String, String> = task
         .headers
-        .as_ref()
         .map(|headers| {
             headers
                 .iter()
@@ -823,22 +853,17 @@ async fn dead_letter(
                 .collect()
         })
         .unwrap_or_default();
-    publish_dead_letter(
-        shared,
-        DeadLetter {
-            schema: SCHEMA_VERSION,
-            task_id: task_id.to_owned(),
-            stream_seq,
-            attempts,
-            worker_id: shared.config.worker_id.clone(),
-            error: error.clone(),
-            subject: message.subject.to_string(),
-            headers,
-            task: String::from_utf8_lossy(&message.payload).into_owned(),
-        },
-    )
-    .await;
-    record(&shared.recorder, Event::DeadLettered { task_id: task_id.to_owned(), attempts, error }).await;
+    DeadLetter {
+        schema: SCHEMA_VERSION,
+        task_id: task_id.to_owned(),
+        stream_seq: task.stream_seq,
+        attempts,
+        worker_id: shared.config.worker_id.clone(),
+        error,
+        subject: task.subject.to_owned(),
+        headers,
+        task: String::from_utf8_lossy(task.payload).into_owned(),
+    }
 }
 
 async fn publish_dead_letter(shared: &Shared, letter: DeadLetter) {
@@ -903,28 +928,19 @@ pub(crate) async fn watch_max_deliveries(shared: Arc<Shared>) {
                 advisory.deliveries
             ),
         );
-        let headers: BTreeMap<String, String> = task
-            .headers
-            .iter()
-            .map(|(name, values)| {
-                (name.to_string(), values.iter().map(|value| value.as_str()).collect::<Vec<_>>().join(", "))
-            })
-            .collect();
-        publish_dead_letter(
+        let letter = dead_letter_of(
             &shared,
-            DeadLetter {
-                schema: SCHEMA_VERSION,
-                task_id: task_id.clone(),
+            &task_id,
+            advisory.deliveries,
+            error.clone(),
+            TaskMessage {
                 stream_seq: advisory.stream_seq,
-                attempts: advisory.deliveries,
-                worker_id: shared.config.worker_id.clone(),
-                error: error.clone(),
-                subject: task.subject.to_string(),
-                headers,
-                task: String::from_utf8_lossy(&task.payload).into_owned(),
+                subject: &task.subject,
+                headers: Some(&task.headers),
+                payload: &task.payload,
             },
-        )
-        .await;
+        );
+        publish_dead_letter(&shared, letter).await;
         let result =
             failure_result(&shared, &task_id, advisory.deliveries, TaskStatus::Error, error.clone(), None);
         record(&shared.recorder, Event::ResultStored { result: result.clone() }).await;
