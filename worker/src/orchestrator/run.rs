@@ -367,22 +367,9 @@ async fn publish_and_record(shared: &Shared, result: &TaskResult) -> bool {
 async fn existing_result(shared: &Shared, task_id: &str) -> Option<TaskResult> {
     let subject = subjects::result(task_id);
     match shared.jetstream.results.get_last_raw_message_by_subject(&subject).await {
-        Ok(message) => Some(serde_json::from_slice(&message.payload).unwrap_or_else(|_| TaskResult {
-            // Not ours to judge: a message on the subject is a result.
-            schema: SCHEMA_VERSION,
-            id: task_id.to_owned(),
-            worker_id: "unknown".into(),
-            container_id: None,
-            status: TaskStatus::Error,
-            exit_code: None,
-            signal: None,
-            stdout: String::new(),
-            stderr: String::new(),
-            truncated: Truncated::default(),
-            timings: ResultTimings::default(),
-            usage: ResultUsage::default(),
-            error: None,
-            attempt: 0,
+        // Not ours to judge: a message on the subject is a result.
+        Ok(message) => Some(serde_json::from_slice(&message.payload).unwrap_or_else(|_| {
+            TaskResult::without_outcome(task_id, "unknown", None, TaskStatus::Error, None, 0)
         })),
         Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => None,
         Err(error) => {
@@ -483,22 +470,7 @@ fn failure_result(
     error: ErrorInfo,
     container_id: Option<String>,
 ) -> TaskResult {
-    TaskResult {
-        schema: SCHEMA_VERSION,
-        id: task_id.to_owned(),
-        worker_id: shared.config.worker_id.clone(),
-        container_id,
-        status,
-        exit_code: None,
-        signal: None,
-        stdout: String::new(),
-        stderr: String::new(),
-        truncated: Truncated::default(),
-        timings: ResultTimings::default(),
-        usage: ResultUsage::default(),
-        error: Some(error),
-        attempt,
-    }
+    TaskResult::without_outcome(task_id, &shared.config.worker_id, container_id, status, Some(error), attempt)
 }
 
 fn error_info(kind: &str, message: impl std::fmt::Display) -> ErrorInfo {

@@ -115,6 +115,36 @@ pub struct TaskResult {
     pub attempt: u64,
 }
 
+impl TaskResult {
+    /// A result without a container outcome (a rejection, an error, or a
+    /// stand-in): no exit, no output, zero timings and usage.
+    pub fn without_outcome(
+        id: &str,
+        worker_id: &str,
+        container_id: Option<String>,
+        status: TaskStatus,
+        error: Option<ErrorInfo>,
+        attempt: u64,
+    ) -> TaskResult {
+        TaskResult {
+            schema: super::SCHEMA_VERSION,
+            id: id.to_owned(),
+            worker_id: worker_id.to_owned(),
+            container_id,
+            status,
+            exit_code: None,
+            signal: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            truncated: Truncated::default(),
+            timings: ResultTimings::default(),
+            usage: ResultUsage::default(),
+            error,
+            attempt,
+        }
+    }
+}
+
 /// Which output stream a chunk belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
