@@ -100,10 +100,25 @@ pub struct ConnectConfig {
 /// buffered (and JetStream requests time out, which callers retry).
 pub async fn connect(config: &ConnectConfig) -> Result<async_nats::Client, SetupError> {
     crate::install_crypto_provider();
+    let url = config.url.clone();
     let mut options = async_nats::ConnectOptions::new()
         .name(&config.name)
         .connection_timeout(Duration::from_secs(5))
-        .max_reconnects(None);
+        .max_reconnects(None)
+        // Connection changes are what an operator needs to see in a
+        // worker's log; the client reports them only as events.
+        .event_callback(move |event| {
+            let url = url.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!(%url, "connected to NATS"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(%url, "disconnected from NATS; reconnecting")
+                    }
+                    other => tracing::warn!(%url, event = %other, "NATS connection event"),
+                }
+            }
+        });
     if let Some(path) = &config.credentials {
         options = options
             .credentials_file(path)
