@@ -5,6 +5,7 @@ mod bad_input;
 mod broker;
 mod bundle;
 mod cgroup_v2;
+mod control_api;
 mod debian;
 mod events;
 mod images;

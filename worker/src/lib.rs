@@ -12,11 +12,13 @@
 //!   connections, subject names and the JetStream set-up.
 //! - [`protocol`]: the wire messages: task, result, output chunk, event.
 //! - [`orchestrator`]: the worker: claims tasks, runs them, records and publishes results.
+//! - [`api`]: the control API, a NATS micro service over a running worker.
 //!
 //! `unsafe` lives only in the engine's syscall layer.
 
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod broker;
 pub mod engine;
 pub mod events;

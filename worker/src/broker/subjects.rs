@@ -69,3 +69,20 @@ pub const EVENTS_ALL: &str = "quilt.events.>";
 pub fn max_deliveries_advisory() -> String {
     format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TASKS_STREAM}.{WORKERS_CONSUMER}")
 }
+
+/// The control API's pseudo worker id answered by any one worker.
+pub const API_ANY: &str = "any";
+
+/// `quilt.api.<worker_id>`: the prefix of a worker's control API verbs
+/// (`quilt.api.any` for whichever worker answers first).
+pub fn api_prefix(worker_id: &str) -> String {
+    format!("quilt.api.{worker_id}")
+}
+
+/// `quilt.api.<worker_id>.<verb>`.
+pub fn api(worker_id: &str, verb: &str) -> String {
+    format!("quilt.api.{worker_id}.{verb}")
+}
+
+/// Discovery of every running instance of the control API service.
+pub const API_PING: &str = "$SRV.PING.quilt";

@@ -1,6 +1,7 @@
 //! Flags, environment variables and subcommands. Parses the command line,
 //! sets up logging and hands off to one module per verb.
 
+mod api;
 mod image;
 mod nats;
 mod run;
@@ -41,6 +42,10 @@ pub(crate) enum Command {
     Submit(Box<tasks::SubmitArgs>),
     /// Print a task's result as JSON.
     Result(tasks::ResultArgs),
+    /// List the containers of every worker (or one), through the control API.
+    Ps(api::PsArgs),
+    /// Show one container, through the control API of the worker that owns it.
+    Inspect(api::InspectArgs),
     /// Follow the workers' lifecycle events, one JSON object per line.
     Events(tasks::EventsArgs),
     /// Write the JSON Schema files of the wire protocol into a directory.
@@ -64,6 +69,8 @@ pub(crate) fn main() -> ExitCode {
         Command::Submit(args) => tasks::submit(&cli.data_dir, *args),
         Command::Result(args) => tasks::result(&cli.data_dir, args),
         Command::Events(args) => tasks::events(&cli.data_dir, args),
+        Command::Ps(args) => api::ps(&cli.data_dir, args),
+        Command::Inspect(args) => api::inspect(&cli.data_dir, args),
         Command::Schema(args) => schema::run(args),
         Command::Image(command) => image::run(&cli.data_dir, command),
     };

@@ -175,6 +175,15 @@ fn stop_on_signals() -> anyhow::Result<watch::Receiver<bool>> {
     Ok(receiver)
 }
 
+/// Serves the control API over the worker once it is ready.
+fn start_api(view: orchestrator::WorkerView) {
+    tokio::spawn(async move {
+        if let Err(error) = quilt::api::serve(view).await {
+            tracing::error!(%error, "the control API is not available");
+        }
+    });
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -208,7 +217,7 @@ pub(crate) fn up(data_dir: &Path, args: UpArgs) -> anyhow::Result<u8> {
             config.worker_id, config.concurrency
         );
         println!("publish tasks to quilt.tasks; try: quilt run --image busybox -- echo hello");
-        let result = orchestrator::run(config, client, stop).await;
+        let result = orchestrator::run_with(config, client, stop, start_api).await;
         // The broker stops last, after the worker confirmed its acks.
         broker.stop().await;
         let _ = std::fs::remove_file(&url_file);
@@ -224,7 +233,7 @@ pub(crate) fn join(data_dir: &Path, args: JoinArgs) -> anyhow::Result<u8> {
         let connect = args.nats.config(data_dir, &format!("quilt-worker-{}", config.worker_id), true);
         eprintln!("quilt: worker {} connecting to {}", config.worker_id, connect.url);
         let client = broker::connect(&connect).await.context("connecting to NATS")?;
-        orchestrator::run(config, client, stop).await.context("worker")?;
+        orchestrator::run_with(config, client, stop, start_api).await.context("worker")?;
         Ok(0)
     })
 }

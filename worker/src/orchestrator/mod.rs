@@ -70,7 +70,7 @@ use crate::broker::{self, JetStreamHandles, JetStreamSettings, SetupError};
 use crate::engine::{Engine, EngineConfig, EngineError, UnavailableLimits};
 use crate::events::{rebuild, EventLog, EventLogError};
 use crate::image::{ImageError, ImageStore, PullOptions};
-use crate::protocol::Event;
+use crate::protocol::{ContainerSummary, Event, ImageSummary, WorkerInfo};
 
 pub use plan::TaskLimitsPolicy;
 use recorder::Recorder;
@@ -226,12 +226,87 @@ pub(crate) struct Shared {
     pub(crate) in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
+/// Read-only access to a running worker, for the control API (which
+/// depends on the orchestrator, not the other way round).
+#[derive(Clone)]
+pub struct WorkerView {
+    shared: Arc<Shared>,
+    started: std::time::Instant,
+}
+
+impl WorkerView {
+    /// The worker's id.
+    pub fn worker_id(&self) -> &str {
+        &self.shared.config.worker_id
+    }
+
+    /// The worker's NATS connection.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.shared.client
+    }
+
+    /// The containers that may exist on this worker, by the log.
+    pub fn containers(&self) -> Vec<ContainerSummary> {
+        self.shared
+            .recorder
+            .state()
+            .containers
+            .iter()
+            .map(|(id, entry)| ContainerSummary {
+                id: id.clone(),
+                worker_id: self.shared.config.worker_id.clone(),
+                task_id: entry.task_id.clone(),
+                pid: entry.pid,
+            })
+            .collect()
+    }
+
+    /// What the worker is and does.
+    pub fn info(&self) -> WorkerInfo {
+        WorkerInfo {
+            worker_id: self.shared.config.worker_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            concurrency: self.shared.config.concurrency,
+            running: self.shared.in_flight.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            cgroup_version: self.shared.engine.cgroup_version().to_string(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            event_log_seq: self.shared.recorder.last_seq(),
+        }
+    }
+
+    /// The images in the worker's store (reads files: call from a blocking thread).
+    pub fn images(&self) -> Result<Vec<ImageSummary>, ImageError> {
+        Ok(self
+            .shared
+            .images
+            .list()?
+            .into_iter()
+            .map(|record| ImageSummary {
+                size: record.size(),
+                name: record.name,
+                digest: record.manifest_digest,
+            })
+            .collect())
+    }
+}
+
 /// Runs a worker on `client` until `stop` turns true, then drains.
 pub async fn run(
     config: WorkerConfig,
     client: async_nats::Client,
     stop: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
+    run_with(config, client, stop, |_| {}).await
+}
+
+/// [`run`], calling `on_ready` with a view of the worker once it takes tasks.
+pub async fn run_with(
+    config: WorkerConfig,
+    client: async_nats::Client,
+    stop: watch::Receiver<bool>,
+    on_ready: impl FnOnce(WorkerView),
+) -> Result<(), WorkerError> {
+    let started = std::time::Instant::now();
     validate_worker_id(&config.worker_id)?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| WorkerError::Images(ImageError::Io { path: config.data_dir.clone(), source }))?;
@@ -296,6 +371,7 @@ pub async fn run(
         },
     )
     .await;
+    on_ready(WorkerView { shared: Arc::clone(&shared), started });
     tracing::info!(worker = %shared.config.worker_id, concurrency = shared.config.concurrency, "worker ready");
 
     let advisories = tokio::spawn(run::watch_max_deliveries(Arc::clone(&shared)));

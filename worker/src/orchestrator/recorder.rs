@@ -52,6 +52,11 @@ impl Recorder {
         *self.inner.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(client);
     }
 
+    /// The log's last committed sequence number.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.inner.log.last_seq()
+    }
+
     /// The state folded so far.
     pub(crate) fn state(&self) -> MutexGuard<'_, WorkerState> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())

@@ -11,10 +11,12 @@
 //! This module knows nothing of NATS connections, containers or the event
 //! log; the subjects the messages travel on are in `broker::subjects`.
 
+mod api;
 mod event;
 mod result;
 mod task;
 
+pub use api::{ApiReply, ContainerSummary, ImageSummary, WorkerInfo};
 pub use event::{Event, EventMessage};
 pub use result::{
     DeadLetter, ErrorInfo, OutputChunk, OutputStream, ResultTimings, ResultUsage, TaskResult, TaskStatus,
@@ -52,6 +54,11 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("output.json", schemars::schema_for!(OutputChunk)),
         ("event.json", schemars::schema_for!(EventMessage)),
         ("dead_letter.json", schemars::schema_for!(DeadLetter)),
+        ("api/containers.list.json", schemars::schema_for!(ApiReply<Vec<ContainerSummary>>)),
+        ("api/containers.inspect.json", schemars::schema_for!(ApiReply<ContainerSummary>)),
+        ("api/images.list.json", schemars::schema_for!(ApiReply<Vec<ImageSummary>>)),
+        ("api/worker.info.json", schemars::schema_for!(ApiReply<WorkerInfo>)),
+        ("api/health.json", schemars::schema_for!(ApiReply<String>)),
     ]
 }
 
