@@ -41,7 +41,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// The ids of the workers whose control API answers a ping.
-async fn discover(client: &async_nats::Client) -> anyhow::Result<Vec<String>> {
+pub(crate) async fn discover(client: &async_nats::Client) -> anyhow::Result<Vec<String>> {
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(inbox.clone()).await?;
     client.publish_with_reply(subjects::API_PING, inbox, "".into()).await?;

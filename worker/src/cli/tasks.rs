@@ -204,8 +204,18 @@ pub(crate) fn run_remote(data_dir: &Path, args: RunArgs) -> anyhow::Result<u8> {
         let mut printer = OutputPrinter::default();
         let interrupted = super::run::interrupt();
         tokio::pin!(interrupted);
+        // A task nobody takes waits in the queue silently; say so once.
+        let no_worker_check = tokio::time::sleep(Duration::from_secs(2));
+        tokio::pin!(no_worker_check);
+        let mut checked = false;
         let result = loop {
             tokio::select! {
+                _ = &mut no_worker_check, if !checked => {
+                    checked = true;
+                    if super::api::discover(&client).await.map(|workers| workers.is_empty()).unwrap_or(false) {
+                        eprintln!("quilt: no worker answers on this NATS; task {id} waits in the queue until one starts");
+                    }
+                }
                 Some(message) = output.next() => {
                     if !args.json {
                         printer.print(&message.payload);
@@ -215,7 +225,7 @@ pub(crate) fn run_remote(data_dir: &Path, args: RunArgs) -> anyhow::Result<u8> {
                     break result?.context("no result")?;
                 }
                 signal = &mut interrupted => {
-                    eprintln!("quilt: task {id} keeps running on its worker; get its result with `quilt result {id}`");
+                    eprintln!("quilt: task {id} stays submitted (queued, or running on its worker); get its result with `quilt result {id}`");
                     return Ok(128 + signal as u8);
                 }
             }
