@@ -108,8 +108,8 @@ pub enum EngineError {
     /// Creating a pipe.
     #[error("creating a pipe")]
     Pipe(#[source] Errno),
-    /// clone3 failed.
-    #[error("creating the container process (clone3)")]
+    /// clone or clone3 failed.
+    #[error("creating the container process (clone)")]
     Clone(#[source] Errno),
     /// A setup step in the container's process failed.
     #[error("{}: {}", step.describe(), errno.desc())]
