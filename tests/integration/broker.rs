@@ -1,7 +1,8 @@
 //! The embedded broker against a real nats-server (2.10 or newer, found as
 //! `quilt up` finds it: `$QUILT_NATS_SERVER`, then PATH): it serves NATS and
 //! JetStream on loopback as our child, survives a SIGKILL with its JetStream
-//! data, and stops within its grace period.
+//! data, stops within its grace period, and does not outlive a SIGKILLed
+//! `quilt up`.
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::Path;
@@ -205,5 +206,53 @@ async fn dropping_the_broker_kills_the_server() {
         }
         assert!(Instant::now() < deadline, "nats-server {pid} alive after drop: {state:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `quilt up` killed with SIGKILL cannot stop its broker itself; the kernel
+/// tells nats-server (PR_SET_PDEATHSIG), which exits instead of keeping the
+/// port and the store as an orphan.
+#[test]
+fn the_broker_does_not_outlive_a_sigkilled_quilt_up() {
+    use quilt_tests::{quilt_binary, TestDir};
+    let dir = TestDir::new("broker-orphan");
+    let mut up = std::process::Command::new(quilt_binary())
+        .arg("--data-dir")
+        .arg(&dir.path)
+        .args(["up", "--port", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let up_pid = up.id();
+    // The broker is up once its URL is written; its server is our child's child.
+    let deadline = Instant::now() + BOUND;
+    let server = loop {
+        let child = std::fs::read_dir("/proc").unwrap().flatten().find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            (parent_of(pid) == Some(up_pid)).then_some(pid)
+        });
+        if let (Some(pid), true) = (child, dir.path.join("nats.url").exists()) {
+            break pid;
+        }
+        assert!(up.try_wait().unwrap().is_none(), "quilt up exited early");
+        assert!(Instant::now() < deadline, "quilt up did not start its broker within {BOUND:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    kill(Pid::from_raw(up_pid as i32), Signal::SIGKILL).unwrap();
+    up.wait().unwrap();
+    let deadline = Instant::now() + BOUND;
+    // Gone, or a zombie waiting for its new parent to reap it: not running.
+    let running = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .is_ok_and(|status| !status.lines().any(|line| line.starts_with("State:") && line.contains('Z')))
+    };
+    while running(server) {
+        if Instant::now() >= deadline {
+            // Clean up the orphan this test made (by its pid) before failing.
+            let _ = kill(Pid::from_raw(server as i32), Signal::SIGKILL);
+            panic!("nats-server {server} outlived quilt up by {BOUND:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -17,9 +17,9 @@
 //! [`EmbeddedBroker::stop`] sends SIGTERM, waits a bounded grace period, then
 //! SIGKILL. Dropping an [`EmbeddedBroker`] without `stop` aborts the task,
 //! which drops the child, and `kill_on_drop` sends SIGKILL. If the Quilt
-//! process itself is SIGKILLed the server outlives it; the next start of the
-//! same data directory then fails to bind the port only if it was given
-//! explicitly (a picked port is fresh each start).
+//! process itself is SIGKILLed, the kernel sends the server SIGTERM
+//! (PR_SET_PDEATHSIG, set between fork and exec), so it shuts down instead
+//! of holding the port and the store.
 //!
 //! Durability: the config sets `sync_interval: always` (SECURITY.md
 //! "Delivery and state"), so a message whose publish was acknowledged is on
@@ -189,15 +189,19 @@ impl Launch {
                 .open(&self.log_path)
                 .map_err(|source| BrokerError::OpenLog { path: self.log_path.clone(), source })
         };
-        Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        command
             .arg("-c")
             .arg(&self.config_path)
             .stdin(Stdio::null())
             .stdout(open_log()?)
             .stderr(open_log()?)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| BrokerError::Spawn { program: self.program.clone(), source })
+            .kill_on_drop(true);
+        // A Quilt that is SIGKILLed cannot stop its broker: the kernel sends
+        // it SIGTERM instead (nats-server then shuts down cleanly), so no
+        // orphan keeps the port and the store.
+        crate::engine::set_parent_death_signal(&mut command, libc::SIGTERM);
+        command.spawn().map_err(|source| BrokerError::Spawn { program: self.program.clone(), source })
     }
 }
 

@@ -417,3 +417,25 @@ pub(super) fn mkdirat(dirfd: RawFd, name: &CStr, mode: libc::mode_t) -> Result<(
     // SAFETY: name is NUL-terminated.
     check(unsafe { libc::mkdirat(dirfd, name.as_ptr(), mode) } as libc::c_long).map(drop)
 }
+
+/// Makes a child spawned by `command` receive `signal` when the thread that
+/// spawned it dies (prctl PR_SET_PDEATHSIG), so a helper process such as
+/// the embedded nats-server does not outlive a Quilt that was SIGKILLed.
+/// A parent that died between the fork and the prctl is caught by comparing
+/// the parent pid after it.
+pub fn set_parent_death_signal(command: &mut tokio::process::Command, signal: libc::c_int) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (getppid, prctl, kill, getpid) on integers.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::kill(libc::getpid(), signal);
+            }
+            Ok(())
+        });
+    }
+}
