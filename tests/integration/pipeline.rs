@@ -175,7 +175,12 @@ async fn sigterm_stops_fetching_and_lets_running_tasks_finish() {
     agent.submit(&task("t-running", &["sh", "-c", "sleep 1; echo finished"])).await;
     wait_for_event(&agent, "drain", "container_started", "t-running").await;
     worker.signal(nix::sys::signal::Signal::SIGTERM);
-    // Published after the SIGTERM: not taken by the stopping worker.
+    // Published once the worker says it is stopping: not taken by it.
+    let deadline = std::time::Instant::now() + BOUND;
+    while !worker.log_text().contains("stopping: no new tasks") {
+        assert!(std::time::Instant::now() < deadline, "no stop message:\n{}", worker.log_text());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     agent.submit(&task("t-later", &["echo", "later"])).await;
     assert!(worker.wait_exit(BOUND).success(), "{}", worker.log_text());
     let result = agent.result_now("t-running").await.expect("the running task finished before the exit");

@@ -167,8 +167,8 @@ fn stop_on_signals() -> anyhow::Result<watch::Receiver<bool>> {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        eprintln!("quilt: stopping: no new tasks; waiting for running ones");
         sender.send_replace(true);
+        eprintln!("quilt: stopping: no new tasks; waiting for running ones");
         // Keep the sender alive so receivers do not see a closed channel.
         std::future::pending::<()>().await;
     });

@@ -63,7 +63,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{watch, Semaphore};
 
 use crate::broker::{self, JetStreamHandles, JetStreamSettings, SetupError};
@@ -411,8 +411,9 @@ async fn pull_loop(shared: &Arc<Shared>, slots: &Arc<Semaphore>, running: &mut t
     loop {
         // Fetch only as many tasks as there are free slots.
         let first = tokio::select! {
-            permit = Arc::clone(slots).acquire_owned() => match permit { Ok(permit) => permit, Err(_) => return },
+            biased;
             _ = stop.wait_for(|stopping| *stopping) => return,
+            permit = Arc::clone(slots).acquire_owned() => match permit { Ok(permit) => permit, Err(_) => return },
         };
         let mut permits = vec![first];
         while let Ok(permit) = Arc::clone(slots).try_acquire_owned() {
@@ -449,13 +450,18 @@ async fn pull_loop(shared: &Arc<Shared>, slots: &Arc<Semaphore>, running: &mut t
         };
         loop {
             let message = tokio::select! {
-                message = batch.next() => message,
+                // Stopping wins over a task that arrived at the same moment.
+                biased;
                 _ = stop.wait_for(|stopping| *stopping) => {
-                    // Messages delivered to this pull request after this
-                    // point are not taken: the server redelivers them after
-                    // AckWait.
+                    // Tasks this pull request already received are handed
+                    // back at once; any still in flight from the server are
+                    // redelivered after AckWait.
+                    while let Some(Some(Ok(message))) = batch.next().now_or_never() {
+                        let _ = message.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                    }
                     return;
                 }
+                message = batch.next() => message,
             };
             match message {
                 Some(Ok(message)) => {
