@@ -6,8 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use quilt_tests::pipeline::{import_busybox, task, Agent, Broker, Worker, BOUND};
-use quilt_tests::{quilt_binary, text, wait_bounded, TestDir};
+use quilt_tests::pipeline::{task, Agent, Setup, Worker, BOUND};
+use quilt_tests::{quilt_binary, text, wait_bounded};
 use serde_json::Value;
 
 async fn request(agent: &Agent, subject: &str, body: &str) -> Value {
@@ -20,10 +20,7 @@ async fn request(agent: &Agent, subject: &str, body: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_api_answers_plain_nats_requests() {
-    let dir = TestDir::new("control-api");
-    let broker = Broker::start(&dir.path.join("nats")).await;
-    let data = dir.path.join("worker");
-    import_busybox(&data);
+    let Setup { dir, broker, data } = Setup::new("control-api").await;
     let mut worker = Worker::start(&data, &broker.url, "api", &[]);
     let agent = Agent::connect(&broker.url).await;
 

@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use quilt_tests::pipeline::{assert_worker_left_nothing, import_busybox, task, Agent, Broker, Worker, BOUND};
-use quilt_tests::TestDir;
+use quilt_tests::pipeline::{assert_worker_left_nothing, import_busybox, task, Agent, Setup, Worker, BOUND};
 use serde_json::Value;
 
 /// Reads every event the worker mirrored on `QUILT_EVENTS`, in log order.
@@ -29,10 +28,7 @@ pub(crate) async fn mirrored_events(agent: &Agent, worker_id: &str) -> Vec<Value
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_streams_its_output_live_and_returns_one_result() {
-    let dir = TestDir::new("pipeline-e2e");
-    let broker = Broker::start(&dir.path.join("nats")).await;
-    let data = dir.path.join("worker");
-    import_busybox(&data);
+    let Setup { dir: _dir, broker, data } = Setup::new("pipeline-e2e").await;
     let mut worker = Worker::start(&data, &broker.url, "e2e", &[]);
     let agent = Agent::connect(&broker.url).await;
 
@@ -76,10 +72,7 @@ async fn a_task_streams_its_output_live_and_returns_one_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_tasks_run_with_at_most_the_configured_concurrency() {
-    let dir = TestDir::new("pipeline-fifty");
-    let broker = Broker::start(&dir.path.join("nats")).await;
-    let data = dir.path.join("worker");
-    import_busybox(&data);
+    let Setup { dir: _dir, broker, data } = Setup::new("pipeline-fifty").await;
     let mut worker = Worker::start(&data, &broker.url, "fifty", &["--concurrency", "4"]);
     let agent = Agent::connect(&broker.url).await;
 
@@ -116,10 +109,7 @@ async fn fifty_tasks_run_with_at_most_the_configured_concurrency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_id_published_twice_runs_once() {
-    let dir = TestDir::new("pipeline-dup");
-    let broker = Broker::start(&dir.path.join("nats")).await;
-    let data = dir.path.join("worker");
-    import_busybox(&data);
+    let Setup { dir: _dir, broker, data } = Setup::new("pipeline-dup").await;
     let mut worker = Worker::start(&data, &broker.url, "dup", &[]);
     let agent = Agent::connect(&broker.url).await;
     let mut seen = agent.subscribe_results().await;
@@ -165,10 +155,7 @@ pub(crate) async fn wait_for_event(agent: &Agent, worker_id: &str, kind: &str, t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_fetching_and_lets_running_tasks_finish() {
-    let dir = TestDir::new("pipeline-drain");
-    let broker = Broker::start(&dir.path.join("nats")).await;
-    let data = dir.path.join("worker");
-    import_busybox(&data);
+    let Setup { dir, broker, data } = Setup::new("pipeline-drain").await;
     let mut worker = Worker::start(&data, &broker.url, "drain", &[]);
     let agent = Agent::connect(&broker.url).await;
 
@@ -198,10 +185,7 @@ async fn sigterm_stops_fetching_and_lets_running_tasks_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_still_running_after_the_grace_period_are_handed_back() {
-    let dir = TestDir::new("pipeline-handback");
-    let broker = Broker::start(&dir.path.join("nats")).await;
-    let data = dir.path.join("worker");
-    import_busybox(&data);
+    let Setup { dir: _dir, broker, data } = Setup::new("pipeline-handback").await;
     let mut worker = Worker::start(&data, &broker.url, "handback", &["--shutdown-grace", "500ms"]);
     let agent = Agent::connect(&broker.url).await;
 

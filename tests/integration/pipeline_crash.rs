@@ -24,8 +24,8 @@ use quilt::events::{rebuild, EventLog};
 use quilt::orchestrator::state::WorkerState;
 use quilt::protocol::Event;
 use quilt_tests::pipeline::{
-    assert_worker_left_nothing, containers_of, drain_results, import_busybox, task, Agent, Broker, Worker,
-    BOUND,
+    assert_worker_left_nothing, containers_of, drain_results, import_busybox, task, Agent, Broker, Setup,
+    Worker, BOUND,
 };
 use quilt_tests::TestDir;
 use serde_json::Value;
@@ -140,10 +140,7 @@ async fn submit_retrying(agent: &Agent, body: &Value) -> String {
 /// that both tasks get exactly one correct result and nothing is left.
 async fn crash_and_recover(point: &str) {
     let worker_id = format!("crash-{}", point.replace('_', "-"));
-    let dir = TestDir::new(&format!("pipeline-{worker_id}"));
-    let broker = Broker::start(&dir.path.join("nats")).await;
-    let data = dir.path.join("worker");
-    import_busybox(&data);
+    let Setup { dir: _dir, broker, data } = Setup::new(&format!("pipeline-{worker_id}")).await;
     // One task at a time: the crash hits the first task submitted, and the
     // second is still queued when the worker dies.
     let mut worker = Worker::start_with_env(
@@ -288,10 +285,7 @@ async fn a_worker_killed_before_ack_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_server_killed_while_tasks_run_loses_nothing() {
-    let dir = TestDir::new("pipeline-nats-kill");
-    let broker = Broker::start(&dir.path.join("nats")).await;
-    let data = dir.path.join("worker");
-    import_busybox(&data);
+    let Setup { dir: _dir, broker, data } = Setup::new("pipeline-nats-kill").await;
     let mut worker = Worker::start(&data, &broker.url, "nats-kill", &["--concurrency", "4"]);
     let agent = Agent::connect(&broker.url).await;
     let mut seen = agent.subscribe_results().await;
@@ -389,10 +383,7 @@ async fn a_worker_paused_past_ack_wait_discards_its_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_delivered_again_to_the_worker_running_it_runs_once() {
-    let dir = TestDir::new("pipeline-again");
-    let broker = Broker::start(&dir.path.join("nats")).await;
-    let data = dir.path.join("worker");
-    import_busybox(&data);
+    let Setup { dir: _dir, broker, data } = Setup::new("pipeline-again").await;
     // A free slot keeps a pull request open, so the redelivery comes to the
     // worker that still runs the task.
     let mut worker = Worker::start(&data, &broker.url, "again", &["--concurrency", "2"]);

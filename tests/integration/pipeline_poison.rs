@@ -7,15 +7,12 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use quilt_tests::pipeline::{import_busybox, task, Agent, Broker, Worker, BOUND};
+use quilt_tests::pipeline::{task, Agent, Broker, Setup, Worker, BOUND};
 use quilt_tests::TestDir;
 use serde_json::{json, Value};
 
 async fn setup(name: &str, worker_args: &[&str]) -> (TestDir, Broker, Worker, Agent) {
-    let dir = TestDir::new(name);
-    let broker = Broker::start(&dir.path.join("nats")).await;
-    let data = dir.path.join("worker");
-    import_busybox(&data);
+    let Setup { dir, broker, data } = Setup::new(name).await;
     let worker = Worker::start(&data, &broker.url, name, worker_args);
     let agent = Agent::connect(&broker.url).await;
     (dir, broker, worker, agent)
@@ -127,10 +124,7 @@ async fn a_task_failing_on_every_delivery_is_dead_lettered_with_its_last_error()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_that_kills_its_worker_every_time_is_dead_lettered() {
-    let dir = TestDir::new("poison-killer");
-    let broker = Broker::start(&dir.path.join("nats")).await;
-    let data = dir.path.join("worker");
-    import_busybox(&data);
+    let Setup { dir: _dir, broker, data } = Setup::new("poison-killer").await;
     let crash = [("QUILT_CRASH_AT", "after_fetch")];
     let mut worker = Worker::start_with_env(&data, &broker.url, "killer", &["--max-deliver", "2"], &crash);
     let agent = Agent::connect(&broker.url).await;

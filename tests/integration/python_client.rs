@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use quilt_tests::pipeline::{assert_worker_left_nothing, import_busybox, Agent, Broker, Worker, BOUND};
-use quilt_tests::TestDir;
+use quilt_tests::pipeline::{assert_worker_left_nothing, Agent, Setup, Worker, BOUND};
 
 const INSTALL: &str = "python3 -m venv /opt/quilt-examples && \
      /opt/quilt-examples/bin/pip install nats-py==2.16.0 && \
@@ -82,10 +81,7 @@ fn run_example(python: &Path, dir: &Path, name: &str, url: &str, args: &[&str]) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_example_streams_output_and_exits_with_the_task_code() {
     let python = python();
-    let dir = TestDir::new("python-client");
-    let broker = Broker::start(&dir.path.join("nats")).await;
-    let data = dir.path.join("worker");
-    import_busybox(&data);
+    let Setup { dir, broker, data } = Setup::new("python-client").await;
     let mut worker = Worker::start(&data, &broker.url, "py", &[]);
     let agent = Agent::connect(&broker.url).await;
 

@@ -20,7 +20,7 @@ use quilt::broker::{BrokerOptions, EmbeddedBroker};
 use serde_json::Value;
 
 use crate::images::{busybox_entries, write_rootfs_tarball};
-use crate::{quilt_binary, text};
+use crate::{quilt_binary, text, TestDir};
 
 /// The longest any single wait in the pipeline tests may take.
 pub const BOUND: Duration = Duration::from_secs(60);
@@ -58,6 +58,30 @@ impl Broker {
         if let Some(broker) = self.broker.take() {
             broker.stop().await;
         }
+    }
+}
+
+/// The usual start of a pipeline test: its own directory, a broker with its
+/// store in `<dir>/nats`, and a worker data directory `<dir>/worker` holding
+/// the busybox image. Keep `dir` alive for the whole test: dropping it
+/// removes the directory.
+pub struct Setup {
+    /// The test's directory.
+    pub dir: TestDir,
+    /// The broker.
+    pub broker: Broker,
+    /// The worker's data directory.
+    pub data: PathBuf,
+}
+
+impl Setup {
+    /// Makes all three.
+    pub async fn new(name: &str) -> Setup {
+        let dir = TestDir::new(name);
+        let broker = Broker::start(&dir.path.join("nats")).await;
+        let data = dir.path.join("worker");
+        import_busybox(&data);
+        Setup { dir, broker, data }
     }
 }
 

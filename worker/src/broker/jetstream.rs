@@ -213,8 +213,8 @@ pub async fn ensure(context: &Context, settings: &JetStreamSettings) -> Result<J
     let replicas = settings.replicas.max(1);
     let tasks = ensure_stream(
         context,
+        subjects::TASKS_STREAM,
         stream::Config {
-            name: subjects::TASKS_STREAM.into(),
             description: Some("Quilt tasks: a work queue, one delivery per worker at a time".into()),
             subjects: vec![subjects::TASKS.into(), format!("{}.*", subjects::TASKS_FOR_WORKER_PREFIX)],
             retention: RetentionPolicy::WorkQueue,
@@ -229,8 +229,8 @@ pub async fn ensure(context: &Context, settings: &JetStreamSettings) -> Result<J
     .await?;
     let results = ensure_stream(
         context,
+        subjects::RESULTS_STREAM,
         stream::Config {
-            name: subjects::RESULTS_STREAM.into(),
             description: Some("Quilt results: one per task id".into()),
             // Workers publish on quilt.worker.results.<id>; the result is
             // stored as quilt.results.<id> and, once stored, republished
@@ -258,48 +258,38 @@ pub async fn ensure(context: &Context, settings: &JetStreamSettings) -> Result<J
         },
     )
     .await?;
+    // Live output is a convenience for replay (the result carries the
+    // output) and the events are a mirror (each worker's redb log is the
+    // record): both in memory, bounded, without the fsync per message that
+    // `sync_interval: always` costs file streams.
     ensure_stream(
         context,
-        stream::Config {
-            name: subjects::OUTPUT_STREAM.into(),
-            description: Some("Quilt live output, kept briefly for replay".into()),
-            subjects: vec![subjects::OUTPUT_ALL.into()],
-            retention: RetentionPolicy::Limits,
-            // Live output is a convenience for replay (the result carries
-            // the output): memory storage spares it the fsync per message
-            // that `sync_interval: always` costs file streams.
-            storage: StorageType::Memory,
-            max_age: settings.output_max_age,
-            max_bytes: 96 * 1024 * 1024,
-            discard: DiscardPolicy::Old,
-            num_replicas: replicas,
-            allow_direct: true,
-            ..Default::default()
-        },
+        subjects::OUTPUT_STREAM,
+        memory_stream(
+            "Quilt live output, kept briefly for replay",
+            subjects::OUTPUT_ALL,
+            settings.output_max_age,
+            96 * 1024 * 1024,
+            replicas,
+        ),
     )
     .await?;
     ensure_stream(
         context,
-        stream::Config {
-            name: subjects::EVENTS_STREAM.into(),
-            description: Some("Quilt workers' lifecycle events (mirrors of their event logs)".into()),
-            subjects: vec![subjects::EVENTS_ALL.into()],
-            retention: RetentionPolicy::Limits,
-            // A mirror for observability; each worker's redb log is the
-            // durable record. Memory storage, bounded, no fsync per event.
-            storage: StorageType::Memory,
-            max_age: settings.events_max_age,
-            max_bytes: 64 * 1024 * 1024,
-            discard: DiscardPolicy::Old,
-            num_replicas: replicas,
-            ..Default::default()
-        },
+        subjects::EVENTS_STREAM,
+        memory_stream(
+            "Quilt workers' lifecycle events (mirrors of their event logs)",
+            subjects::EVENTS_ALL,
+            settings.events_max_age,
+            64 * 1024 * 1024,
+            replicas,
+        ),
     )
     .await?;
     ensure_stream(
         context,
+        subjects::DLQ_STREAM,
         stream::Config {
-            name: subjects::DLQ_STREAM.into(),
             description: Some("Quilt dead letters: tasks that used up their deliveries".into()),
             subjects: vec![subjects::DLQ.into()],
             retention: RetentionPolicy::Limits,
@@ -316,19 +306,38 @@ pub async fn ensure(context: &Context, settings: &JetStreamSettings) -> Result<J
     Ok(JetStreamHandles { context: context.clone(), tasks, results, consumer })
 }
 
-async fn ensure_stream(context: &Context, config: stream::Config) -> Result<stream::Stream, SetupError> {
-    let name: &'static str = match config.name.as_str() {
-        subjects::TASKS_STREAM => subjects::TASKS_STREAM,
-        subjects::RESULTS_STREAM => subjects::RESULTS_STREAM,
-        subjects::OUTPUT_STREAM => subjects::OUTPUT_STREAM,
-        subjects::EVENTS_STREAM => subjects::EVENTS_STREAM,
-        _ => subjects::DLQ_STREAM,
-    };
-    // Output and events are replayable conveniences, not records: when an
-    // older build made them with another storage type (which a stream
-    // update cannot change), they are recreated rather than refused.
-    let disposable = name == subjects::OUTPUT_STREAM || name == subjects::EVENTS_STREAM;
-    if disposable {
+/// A bounded in-memory stream that drops its oldest messages when full.
+fn memory_stream(
+    description: &str,
+    subject: &str,
+    max_age: Duration,
+    max_bytes: i64,
+    replicas: usize,
+) -> stream::Config {
+    stream::Config {
+        description: Some(description.into()),
+        subjects: vec![subject.into()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::Memory,
+        max_age,
+        max_bytes,
+        discard: DiscardPolicy::Old,
+        num_replicas: replicas,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+async fn ensure_stream(
+    context: &Context,
+    name: &'static str,
+    mut config: stream::Config,
+) -> Result<stream::Stream, SetupError> {
+    config.name = name.into();
+    // Memory streams hold replayable conveniences, not records: when an
+    // older build made one on file (a stream update cannot change the
+    // storage type), it is recreated rather than refused.
+    if config.storage == StorageType::Memory {
         if let Ok(mut existing) = context.get_stream(name).await {
             let storage = existing.info().await.map(|info| info.config.storage).ok();
             if storage.is_some_and(|storage| storage != config.storage) {
