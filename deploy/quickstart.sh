@@ -34,7 +34,7 @@ if [ -z "${QUILT_NATS_SERVER:-}" ]; then
 fi
 
 echo "== building quilt (release)" >&2
-cargo build --release --locked --bin quilt >&2
+cargo build --release --locked --bin quilt --bin quilt-shim >&2
 quilt=target/release/quilt
 data_dir=${QUILT_DATA_DIR:-/var/lib/quilt}
 export QUILT_DATA_DIR=$data_dir

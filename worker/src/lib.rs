@@ -13,6 +13,7 @@
 //! - [`protocol`]: the wire messages: task, result, output chunk, event.
 //! - [`orchestrator`]: the worker: claims tasks, runs them, records and publishes results.
 //! - [`api`]: the control API, a NATS micro service over a running worker.
+//! - [`shim`]: the per-container parent of a long-running container's init: log segments, exit file.
 //!
 //! `unsafe` lives only in the engine's syscall layer.
 
@@ -25,6 +26,7 @@ pub mod events;
 pub mod image;
 pub mod orchestrator;
 pub mod protocol;
+pub mod shim;
 
 /// Chooses rustls's cryptography provider for the whole process, once.
 /// Two dependencies (the NATS client and the registry client) enable

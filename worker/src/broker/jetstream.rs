@@ -46,7 +46,7 @@ pub enum SetupError {
     #[error("setting up the JetStream consumer {name}")]
     Consumer {
         /// The consumer.
-        name: &'static str,
+        name: String,
         /// Why.
         #[source]
         source: async_nats::Error,
@@ -197,6 +197,9 @@ pub struct JetStreamHandles {
     pub results: stream::Stream,
     /// The workers' shared pull consumer on `quilt.tasks`.
     pub consumer: jetstream::consumer::Consumer<pull::Config>,
+    /// The KV bucket `quilt_containers`: long-running container name ->
+    /// owning worker.
+    pub containers: kv::Store,
 }
 
 /// The context with the request timeout Quilt uses: long enough for a
@@ -301,9 +304,28 @@ pub async fn ensure(context: &Context, settings: &JetStreamSettings) -> Result<J
         },
     )
     .await?;
-    let consumer = ensure_consumer(&tasks, settings).await?;
-    ensure_bucket(context, replicas).await?;
-    Ok(JetStreamHandles { context: context.clone(), tasks, results, consumer })
+    let consumer =
+        ensure_consumer(&tasks, settings, subjects::WORKERS_CONSUMER, subjects::TASKS.into()).await?;
+    let containers = ensure_bucket(context, replicas).await?;
+    Ok(JetStreamHandles { context: context.clone(), tasks, results, consumer, containers })
+}
+
+/// Creates (or updates) the durable consumer of tasks routed to one worker
+/// (`quilt.tasks.worker.<id>`: tasks for the long-running containers it
+/// owns). Its filter does not overlap the shared consumer's, as a
+/// work-queue stream requires.
+pub async fn ensure_worker_consumer(
+    tasks: &stream::Stream,
+    settings: &JetStreamSettings,
+    worker_id: &str,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, SetupError> {
+    ensure_consumer(
+        tasks,
+        settings,
+        &subjects::worker_consumer(worker_id),
+        subjects::tasks_for_worker(worker_id),
+    )
+    .await
 }
 
 /// A bounded in-memory stream that drops its oldest messages when full.
@@ -359,12 +381,13 @@ async fn ensure_stream(
 async fn ensure_consumer(
     tasks: &stream::Stream,
     settings: &JetStreamSettings,
+    name: &str,
+    filter_subject: String,
 ) -> Result<jetstream::consumer::Consumer<pull::Config>, SetupError> {
-    let name = subjects::WORKERS_CONSUMER;
     let config = pull::Config {
         durable_name: Some(name.into()),
-        description: Some("Quilt workers: every worker pulls tasks from here".into()),
-        filter_subject: subjects::TASKS.into(),
+        description: Some(format!("Quilt workers pull tasks on {filter_subject} from here")),
+        filter_subject,
         deliver_policy: DeliverPolicy::All,
         ack_policy: AckPolicy::Explicit,
         ack_wait: settings.ack_wait,
@@ -373,7 +396,7 @@ async fn ensure_consumer(
         max_waiting: 512,
         ..Default::default()
     };
-    let error = |source: async_nats::Error| SetupError::Consumer { name, source };
+    let error = |source: async_nats::Error| SetupError::Consumer { name: name.to_owned(), source };
     match tasks.consumer_info(name).await {
         Ok(info) => {
             let current = &info.config;
@@ -393,10 +416,10 @@ async fn ensure_consumer(
     }
 }
 
-async fn ensure_bucket(context: &Context, replicas: usize) -> Result<(), SetupError> {
+async fn ensure_bucket(context: &Context, replicas: usize) -> Result<kv::Store, SetupError> {
     let name = subjects::CONTAINERS_BUCKET;
-    if context.get_key_value(name).await.is_ok() {
-        return Ok(());
+    if let Ok(store) = context.get_key_value(name).await {
+        return Ok(store);
     }
     context
         .create_key_value(kv::Config {
@@ -408,6 +431,5 @@ async fn ensure_bucket(context: &Context, replicas: usize) -> Result<(), SetupEr
             ..Default::default()
         })
         .await
-        .map(|_| ())
         .map_err(|source| SetupError::KeyValue { name, source: source.into() })
 }

@@ -86,3 +86,13 @@ pub fn api(worker_id: &str, verb: &str) -> String {
 
 /// Discovery of every running instance of the control API service.
 pub const API_PING: &str = "$SRV.PING.quilt";
+
+/// Subject of tasks routed to worker `worker_id` (it owns their long-running container).
+pub fn tasks_for_worker(worker_id: &str) -> String {
+    format!("{TASKS_FOR_WORKER_PREFIX}.{worker_id}")
+}
+
+/// Durable consumer of the tasks routed to worker `worker_id`.
+pub fn worker_consumer(worker_id: &str) -> String {
+    format!("quilt-worker-{worker_id}")
+}

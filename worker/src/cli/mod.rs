@@ -46,6 +46,16 @@ pub(crate) enum Command {
     Ps(api::PsArgs),
     /// Show one container, through the control API of the worker that owns it.
     Inspect(api::InspectArgs),
+    /// Run a command inside a long-running container; print its output,
+    /// exit with its exit code.
+    Exec(Box<api::ExecArgs>),
+    /// Stop a long-running container (SIGTERM, a grace period, SIGKILL); it
+    /// is not restarted until a long-running task starts it again.
+    Stop(api::StopArgs),
+    /// Remove a long-running container: stop it, delete its files, logs and name.
+    Rm(api::RmArgs),
+    /// Print a long-running container's log (its command's stdout and stderr).
+    Logs(api::LogsArgs),
     /// Follow the workers' lifecycle events, one JSON object per line.
     Events(tasks::EventsArgs),
     /// Write the JSON Schema files of the wire protocol into a directory.
@@ -71,6 +81,10 @@ pub(crate) fn main() -> ExitCode {
         Command::Events(args) => tasks::events(&cli.data_dir, args),
         Command::Ps(args) => api::ps(&cli.data_dir, args),
         Command::Inspect(args) => api::inspect(&cli.data_dir, args),
+        Command::Exec(args) => api::exec(&cli.data_dir, *args),
+        Command::Stop(args) => api::stop(&cli.data_dir, args),
+        Command::Rm(args) => api::rm(&cli.data_dir, args),
+        Command::Logs(args) => api::logs(&cli.data_dir, args),
         Command::Schema(args) => schema::run(args),
         Command::Image(command) => image::run(&cli.data_dir, command),
     };

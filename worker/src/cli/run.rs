@@ -85,6 +85,19 @@ pub(crate) struct RunArgs {
     /// Feed this file to the command's stdin ("-" for Quilt's own stdin).
     #[arg(long)]
     pub(crate) stdin: Option<PathBuf>,
+    /// Through NATS: create (or reuse) the long-running container of this
+    /// name instead of a one-task container; the command keeps running.
+    #[arg(long, conflicts_with_all = ["local", "target"])]
+    pub(crate) long_running: Option<String>,
+    /// With --long-running: no (default), on-failure or always.
+    #[arg(long, requires = "long_running")]
+    pub(crate) restart: Option<String>,
+    /// With --restart on-failure: restarts allowed after failures in a row (default 5).
+    #[arg(long, requires = "restart")]
+    pub(crate) max_retries: Option<u32>,
+    /// Through NATS: run the command inside this running long-running container.
+    #[arg(long, conflicts_with_all = ["local", "image"])]
+    pub(crate) target: Option<String>,
     /// Print the full outcome as JSON (with the captured output) instead of streaming output.
     #[arg(long)]
     pub(crate) json: bool,

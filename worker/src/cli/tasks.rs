@@ -14,8 +14,8 @@ use futures_util::StreamExt;
 use quilt::broker::{self, subjects};
 use quilt::engine::{parse_cpus, parse_duration, parse_size};
 use quilt::protocol::{
-    parse_task, validate_task_id, EventMessage, Network, OutputChunk, OutputStream, Task, TaskLimits,
-    TaskResult, TaskStatus,
+    parse_task, validate_task_id, ContainerMode, ContainerOptions, EventMessage, Network, OutputChunk,
+    OutputStream, RestartPolicy, Task, TaskLimits, TaskResult, TaskStatus,
 };
 
 use super::nats::{next_result, publish_task, result_stream, NatsArgs};
@@ -79,7 +79,12 @@ pub(crate) fn task_from_flags(args: &RunArgs) -> anyhow::Result<Task> {
             bail!("{flag} works only with --local (a task through NATS names an --image)");
         }
     }
-    let image = args.image.clone().context("--image is required (or --local with --rootfs/--bundle)")?;
+    let image = match (&args.image, &args.target) {
+        (Some(image), _) => image.clone(),
+        // An exec runs in its container's image.
+        (None, Some(_)) => String::new(),
+        (None, None) => bail!("--image is required (or --target NAME, or --local with --rootfs/--bundle)"),
+    };
     let id = match &args.name {
         Some(id) => {
             validate_task_id(id).map_err(|error| anyhow::anyhow!("--name: {}", error.message))?;
@@ -160,7 +165,23 @@ pub(crate) fn task_from_flags(args: &RunArgs) -> anyhow::Result<Task> {
             "host" => Network::Host,
             other => bail!("invalid --network {other:?}: use none or host"),
         },
-        container: Default::default(),
+        container: ContainerOptions {
+            mode: if args.long_running.is_some() {
+                ContainerMode::LongRunning
+            } else {
+                ContainerMode::Ephemeral
+            },
+            name: args.long_running.clone(),
+            restart: match args.restart.as_deref() {
+                None => None,
+                Some("no") => Some(RestartPolicy::No),
+                Some("on-failure") => Some(RestartPolicy::OnFailure),
+                Some("always") => Some(RestartPolicy::Always),
+                Some(other) => bail!("invalid --restart {other:?}: use no, on-failure or always"),
+            },
+            max_retries: args.max_retries,
+            target: args.target.clone(),
+        },
     };
     // The same checks the worker makes, so a mistake is caught here.
     let json = serde_json::to_vec(&task)?;

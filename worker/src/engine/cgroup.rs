@@ -603,11 +603,20 @@ fn is_valid_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
 }
 
-fn validate_name(name: &str) -> Result<(), CgroupError> {
-    if is_valid_name(name) {
+/// A container cgroup, or one level below it (`container/sub`: the leaf of a long-running
+/// container's first process, or one exec's cgroup inside the container's).
+fn is_valid_path(path: &str) -> bool {
+    match path.split_once('/') {
+        None => is_valid_name(path),
+        Some((container, sub)) => is_valid_name(container) && is_valid_name(sub),
+    }
+}
+
+fn validate_path(path: &str) -> Result<(), CgroupError> {
+    if is_valid_path(path) {
         Ok(())
     } else {
-        Err(CgroupError::InvalidName { name: name.to_owned() })
+        Err(CgroupError::InvalidName { name: path.to_owned() })
     }
 }
 
@@ -744,8 +753,16 @@ impl CgroupRoot {
     /// [`CgroupError::ControllerMissing`], reported before anything is created; an existing
     /// cgroup of that name is [`CgroupError::AlreadyExists`]. On any failure, the directories
     /// created so far are removed again.
+    ///
+    /// `name` may name a sub-cgroup of an existing container cgroup (`container/sub`); on v2
+    /// the container's `cgroup.subtree_control` then gets Quilt's controllers first, which the
+    /// kernel allows only while the container cgroup itself holds no process.
     pub(crate) fn create(&self, name: &str, limits: &CgroupLimits) -> Result<ContainerCgroup, CgroupError> {
-        validate_name(name)?;
+        validate_path(name)?;
+        if let (CgroupVersion::V2, Some((container, _))) = (self.version(), name.split_once('/')) {
+            let dir = self.container(container).primary_dir().to_path_buf();
+            enable_v2_controllers(&dir, self.hierarchy.controllers())?;
+        }
         let limits = ValidLimits::new(limits)?;
         let available = self.hierarchy.controllers();
         if let Some(controller) =
@@ -805,7 +822,7 @@ impl CgroupRoot {
     /// Re-open an existing container cgroup by name (for cleanup of leftovers after a crash).
     /// None when the name is invalid or no hierarchy has a cgroup of that name.
     pub(crate) fn open_existing(&self, name: &str) -> Option<ContainerCgroup> {
-        if !is_valid_name(name) {
+        if !is_valid_path(name) {
             return None;
         }
         let cgroup = self.container(name);
@@ -827,6 +844,29 @@ impl CgroupRoot {
                 if let Ok(name) = entry.file_name().into_string() {
                     if is_valid_name(&name) {
                         names.push(name);
+                    }
+                }
+            }
+        }
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// Names of the sub-cgroups of container cgroup `name` in any hierarchy, sorted.
+    pub(crate) fn children(&self, name: &str) -> Vec<String> {
+        if !is_valid_name(name) {
+            return Vec::new();
+        }
+        let mut names = Vec::new();
+        for mount in &self.hierarchy.mounts {
+            let Ok(entries) = fs::read_dir(mount.mount_point.join(&self.parent).join(name)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                    if let Ok(child) = entry.file_name().into_string() {
+                        names.push(child);
                     }
                 }
             }
@@ -1006,6 +1046,28 @@ impl ContainerCgroup {
         &self.name
     }
 
+    /// Files the child writes "0" to, to move itself into this cgroup: every v1 hierarchy's
+    /// `tasks`, or the v2 `cgroup.procs`. For children that cannot be cloned into their cgroup
+    /// (a long-running container's first process, cloned by its shim's intermediate; an
+    /// exec, cloned into another pid namespace). Close-on-exec.
+    pub(crate) fn attach_files(&self) -> Result<Vec<OwnedFd>, CgroupError> {
+        let file = match self.version {
+            CgroupVersion::V1 => "tasks",
+            CgroupVersion::V2 => "cgroup.procs",
+        };
+        let mut files = Vec::with_capacity(self.dirs.len());
+        for dir in &self.dirs {
+            let path = dir.path.join(file);
+            // std always adds O_CLOEXEC.
+            let opened = fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|source| CgroupError::OpenAttach { path, source })?;
+            files.push(OwnedFd::from(opened));
+        }
+        Ok(files)
+    }
+
     /// What the child needs to join this cgroup (see the module doc for why the child does
     /// it). Open it before the clone; the descriptors are close-on-exec.
     pub(crate) fn attach_handle(&self) -> Result<AttachHandle, CgroupError> {
@@ -1149,16 +1211,12 @@ impl ContainerCgroup {
         self.dirs.iter().find(|dir| dir.controllers.contains(controller)).map(|dir| dir.path.as_path())
     }
 
-    /// Every process listed in any of the cgroup's directories, without duplicates.
+    /// Every process listed in any of the cgroup's directories or their sub-cgroups (a
+    /// long-running container's leaf and exec cgroups), without duplicates.
     fn processes(&self) -> Result<Vec<i32>, CgroupError> {
         let mut pids = Vec::new();
         for dir in &self.dirs {
-            let path = dir.path.join("cgroup.procs");
-            match fs::read_to_string(&path) {
-                Ok(text) => pids.extend(parse_pids(&text)),
-                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => return Err(CgroupError::ListProcesses { path, source }),
-            }
+            collect_processes(&dir.path, MAX_NESTED_DEPTH, &mut pids)?;
         }
         pids.sort_unstable();
         pids.dedup();
@@ -1173,6 +1231,29 @@ impl ContainerCgroup {
             }
         }
     }
+}
+
+/// Appends the pids of `dir/cgroup.procs` and of every sub-cgroup below it, `depth` levels
+/// deep (cgroupfs directories hold only control files and sub-cgroups: no symlinks).
+fn collect_processes(dir: &Path, depth: u32, pids: &mut Vec<i32>) -> Result<(), CgroupError> {
+    let path = dir.join("cgroup.procs");
+    match fs::read_to_string(&path) {
+        Ok(text) => pids.extend(parse_pids(&text)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(CgroupError::ListProcesses { path, source }),
+    }
+    let Some(depth) = depth.checked_sub(1) else {
+        return Ok(());
+    };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+            collect_processes(&entry.path(), depth, pids)?;
+        }
+    }
+    Ok(())
 }
 
 /// The pids of a `cgroup.procs` text that may be signalled: positive, and not the worker.

@@ -130,6 +130,14 @@ pub enum SetupStep {
     CommandNotExecutable,
     /// execve failed for another reason.
     Exec,
+    /// Joining a running container's namespaces (exec).
+    JoinNamespaces,
+    /// Asking to be killed with the shim (long-running containers).
+    ParentDeathSignal,
+    /// Creating a long-running container's first process from its shim.
+    ShimClone,
+    /// Executing the shim of a long-running container.
+    ShimExec,
 }
 
 impl SetupStep {
@@ -172,6 +180,10 @@ impl SetupStep {
         SetupStep::CommandNotFound,
         SetupStep::CommandNotExecutable,
         SetupStep::Exec,
+        SetupStep::JoinNamespaces,
+        SetupStep::ParentDeathSignal,
+        SetupStep::ShimClone,
+        SetupStep::ShimExec,
     ];
 
     /// Decode a step number from the report pipe.
@@ -222,6 +234,10 @@ impl SetupStep {
             SetupStep::CommandNotFound => "command not found in the container",
             SetupStep::CommandNotExecutable => "command is not executable",
             SetupStep::Exec => "executing the command",
+            SetupStep::JoinNamespaces => "joining the running container's namespaces",
+            SetupStep::ParentDeathSignal => "setting the parent death signal",
+            SetupStep::ShimClone => "creating the container process from its shim",
+            SetupStep::ShimExec => "executing the container's shim (quilt-shim)",
         }
     }
 }
@@ -242,6 +258,10 @@ pub(super) enum RootPlan {
     /// A read-only bind of a single directory (a read-only root of several
     /// layers is an overlay without `upper`).
     ReadOnlyBind { source: CString },
+    /// No root of its own: an exec joins the mount, UTS, IPC, network and
+    /// cgroup namespaces of a running container's first process (given by
+    /// its pidfd); the pid namespace was joined at clone time.
+    Join { pidfd: RawFd },
 }
 
 /// A tmpfs for the writable layer, mounted at `mount_point` inside the
@@ -276,6 +296,10 @@ pub(super) struct ChildPlan {
     pub(super) search_path: CString,
     pub(super) argv: Vec<*const libc::c_char>,
     pub(super) envp: Vec<*const libc::c_char>,
+    /// SIGKILL this process when its parent dies (a long-running
+    /// container's first process, whose parent is its shim: without the
+    /// shim nobody could record how it ended).
+    pub(super) die_with_parent: bool,
     /// Owns the strings `argv` and `envp` point into.
     _strings: Vec<CString>,
 }
@@ -375,6 +399,7 @@ impl ChildPlan {
             search_path: c_string(search_path),
             argv,
             envp,
+            die_with_parent: false,
             _strings: strings,
         }
     }
@@ -388,9 +413,9 @@ pub(super) struct Spawned {
     pub(super) pidfd: OwnedFd,
 }
 
-/// Stack of the vfork-style child: the setup script's frames are small (no
+/// Stack of a vfork-style child: the setup script's frames are small (no
 /// buffers, no recursion); the guard page below catches a mistake.
-const CHILD_STACK_SIZE: usize = 256 * 1024;
+pub(super) const CHILD_STACK_SIZE: usize = 256 * 1024;
 
 /// Clones the container's first process into fresh `namespaces`; the child
 /// runs [`run`] with `plan` and never returns here.
@@ -418,8 +443,18 @@ extern "C" fn child_entry(plan: *mut libc::c_void) -> libc::c_int {
 }
 
 fn spawn_sharing_memory(plan: &ChildPlan, namespaces: u64) -> Result<Spawned, Errno> {
-    let stack = sys::ChildStack::new(CHILD_STACK_SIZE)?;
     let namespaces = libc::c_int::try_from(namespaces).map_err(|_| Errno::EINVAL)?;
+    spawn_vfork(child_entry, plan as *const ChildPlan as *mut libc::c_void, namespaces)
+}
+
+/// clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD) of `entry(argument)` on a
+/// fresh guarded stack, into `namespaces`.
+fn spawn_vfork(
+    entry: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    argument: *mut libc::c_void,
+    namespaces: libc::c_int,
+) -> Result<Spawned, Errno> {
+    let stack = sys::ChildStack::new(CHILD_STACK_SIZE)?;
     let flags =
         namespaces | libc::CLONE_VM | libc::CLONE_VFORK | sys::CLONE_PIDFD as libc::c_int | libc::SIGCHLD;
     let mut pidfd: libc::c_int = -1;
@@ -435,20 +470,13 @@ fn spawn_sharing_memory(plan: &ChildPlan, namespaces: u64) -> Result<Spawned, Er
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
     }
-    // SAFETY: the child runs `child_entry` on its own stack with `plan`,
-    // making only async-signal-safe calls on memory the plan owns; this
+    // SAFETY: the child runs `entry` on its own stack with `argument` (a
+    // plan or a shim launch), making only async-signal-safe calls on memory
+    // that argument owns; this
     // thread is suspended until the child has exec'd or exited, so the plan
     // and the stack outlive the child's use of them. CLONE_PIDFD stores a
     // new descriptor in `pidfd` (the parent_tid argument).
-    let pid = unsafe {
-        libc::clone(
-            child_entry,
-            stack.top(),
-            flags,
-            plan as *const ChildPlan as *mut libc::c_void,
-            &mut pidfd as *mut libc::c_int,
-        )
-    };
+    let pid = unsafe { libc::clone(entry, stack.top(), flags, argument, &mut pidfd as *mut libc::c_int) };
     let error = Errno::last();
     // SAFETY: restoring this thread's own mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
@@ -484,6 +512,151 @@ fn spawn_forked(plan: &ChildPlan, namespaces: u64, cgroup_dir: Option<RawFd>) ->
     // SAFETY: clone3 with CLONE_PIDFD stored a new descriptor that we own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     Ok(Spawned { pid, pidfd })
+}
+
+/// Clones an exec's process into the pid namespace of a running container
+/// (given by the pidfd of its first process); the child joins the other
+/// namespaces itself (`RootPlan::Join`).
+///
+/// A pid namespace can only be entered by a new child: setns(CLONE_NEWPID)
+/// changes which namespace this thread's next child is born in. The thread
+/// switches, clones vfork-style and switches back to `own_pid_namespace`
+/// before anything else can run on it. Failing to switch back would make
+/// every later container of this thread nest inside that one, so it aborts.
+pub(super) fn spawn_joined(
+    plan: &ChildPlan,
+    target_pidfd: RawFd,
+    own_pid_namespace: RawFd,
+) -> Result<Spawned, Errno> {
+    sys::setns(target_pidfd, libc::CLONE_NEWPID)?;
+    let spawned = spawn_sharing_memory(plan, 0);
+    if let Err(errno) = sys::setns(own_pid_namespace, libc::CLONE_NEWPID) {
+        tracing::error!(%errno, "cannot return to the worker's pid namespace after an exec; aborting");
+        std::process::abort();
+    }
+    spawned
+}
+
+/// The launch of a long-running container: an intermediate process clones
+/// the container's first process (so that it is the intermediate's child),
+/// then execs the shim (`quilt-shim`), which from then on is that process's
+/// parent: it copies its output into log files and records how it ended,
+/// whether or not the worker is running.
+///
+/// The intermediate shares our memory (`CLONE_VM | CLONE_VFORK`) and, like
+/// the container's setup process, makes only async-signal-safe calls on
+/// what is prepared here. It keeps every signal blocked (a handler of ours
+/// must not run in it); the shim unblocks them after exec.
+pub(super) struct ShimLaunch<'a> {
+    /// The container's first process.
+    pub(super) plan: &'a ChildPlan,
+    /// Namespaces of the container's first process.
+    pub(super) namespaces: libc::c_int,
+    /// The stack the intermediate clones the first process onto.
+    pub(super) init_stack: sys::ChildStack,
+    /// The shim's program, argv and envp.
+    pub(super) program: CString,
+    pub(super) argv: Vec<*const libc::c_char>,
+    pub(super) envp: Vec<*const libc::c_char>,
+    /// Become the shim's fd 4 (the container's merged stdout and stderr)
+    /// and fd 5 (the hold pipe); the first process's pidfd becomes fd 3.
+    pub(super) output: RawFd,
+    pub(super) hold: RawFd,
+    /// Become the shim's fds 0 and 1 (`/dev/null`) and 2 (its own log).
+    pub(super) null: RawFd,
+    pub(super) shim_log: RawFd,
+    /// Written by the intermediate: the first process's pid, 0 if none.
+    pub(super) init_pid: std::sync::atomic::AtomicI32,
+}
+
+extern "C" fn shim_entry(launch: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `spawn_with_shim` passes a launch that stays alive (its caller
+    // is suspended by CLONE_VFORK) until we exec or exit.
+    unsafe { shim_intermediate(&*(launch as *const ShimLaunch<'_>)) }
+}
+
+/// Where the long-running container's first process and its shim came from.
+pub(super) struct ShimSpawned {
+    /// The shim (the intermediate, after exec): our child.
+    pub(super) shim: Spawned,
+    /// The container's first process (the shim's child), 0 if it was not created.
+    pub(super) init_pid: libc::pid_t,
+}
+
+/// Starts the intermediate of [`ShimLaunch`]; returns once it has exec'd
+/// the shim or exited (a failure is then on the plan's report pipe).
+pub(super) fn spawn_with_shim(launch: &ShimLaunch<'_>) -> Result<ShimSpawned, Errno> {
+    let shim = spawn_vfork(shim_entry, launch as *const ShimLaunch<'_> as *mut libc::c_void, 0)?;
+    let init_pid = launch.init_pid.load(std::sync::atomic::Ordering::SeqCst);
+    Ok(ShimSpawned { shim, init_pid })
+}
+
+/// # Safety
+/// Only in the intermediate of [`spawn_with_shim`], with a launch prepared
+/// before the clone.
+unsafe fn shim_intermediate(launch: &ShimLaunch<'_>) -> ! {
+    let failure = match shim_steps(launch) {
+        Ok(()) => (SetupStep::ShimExec, Errno::UnknownErrno),
+        Err(failure) => failure,
+    };
+    let pid = launch.init_pid.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill with integers; the process is our own unreaped child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let mut report = [0u8; REPORT_SIZE];
+    report[..4].copy_from_slice(&(failure.0 as u32).to_ne_bytes());
+    report[4..].copy_from_slice(&(failure.1 as i32).to_ne_bytes());
+    let _ = sys::write_all_raw(launch.plan.report, &report);
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(125) }
+}
+
+fn shim_steps(launch: &ShimLaunch<'_>) -> StepResult {
+    let stack_top = launch.init_stack.top();
+    let mut pidfd: libc::c_int = -1;
+    let flags = launch.namespaces
+        | libc::CLONE_VM
+        | libc::CLONE_VFORK
+        | sys::CLONE_PIDFD as libc::c_int
+        | libc::SIGCHLD;
+    // SAFETY: as in `spawn_vfork`: the child runs `child_entry` with the plan
+    // on its own stack and we are suspended until it has exec'd or exited.
+    let pid = unsafe {
+        libc::clone(
+            child_entry,
+            stack_top,
+            flags,
+            launch.plan as *const ChildPlan as *mut libc::c_void,
+            &mut pidfd as *mut libc::c_int,
+        )
+    };
+    if pid == -1 {
+        return Err((SetupStep::ShimClone, Errno::last()));
+    }
+    launch.init_pid.store(pid, std::sync::atomic::Ordering::SeqCst);
+    // Lift the descriptors above the target numbers first so that no dup2
+    // overwrites one still to be moved.
+    let mut high = [0 as RawFd; 6];
+    let sources = [launch.null, launch.null, launch.shim_log, pidfd, launch.output, launch.hold];
+    for (slot, fd) in high.iter_mut().zip(sources) {
+        // SAFETY: fcntl on descriptors this process holds.
+        let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
+        errno_of(duplicate as libc::c_long).at(SetupStep::ShimExec)?;
+        *slot = duplicate;
+    }
+    for (target, fd) in high.iter().enumerate() {
+        // SAFETY: dup2 onto 0-5; the copies are not close-on-exec.
+        errno_of(unsafe { libc::dup2(*fd, target as RawFd) } as libc::c_long).at(SetupStep::ShimExec)?;
+    }
+    // Its own session: a terminal's signals to the worker's process group
+    // must not reach the shims of containers meant to outlive the worker.
+    // SAFETY: setsid takes no arguments.
+    errno_of(unsafe { libc::setsid() } as libc::c_long).at(SetupStep::Session)?;
+    // SAFETY: argv and envp are NULL-terminated arrays of NUL-terminated
+    // strings the launch owns.
+    unsafe { libc::execve(launch.program.as_ptr(), launch.argv.as_ptr(), launch.envp.as_ptr()) };
+    Err((SetupStep::ShimExec, Errno::last()))
 }
 
 /// Most bytes of overlay options one mount(2) takes (a page).
@@ -568,28 +741,53 @@ fn setup_and_exec(plan: &ChildPlan) -> StepResult {
     // SAFETY: prctl with integer arguments.
     errno_of(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } as libc::c_long)
         .at(SetupStep::Session)?;
+    if plan.die_with_parent {
+        // SAFETY: prctl with integer arguments. The parent (the shim's
+        // intermediate process) is suspended by CLONE_VFORK until we exec,
+        // so it cannot have died before this takes effect.
+        errno_of(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } as libc::c_long)
+            .at(SetupStep::ParentDeathSignal)?;
+    }
     for fd in &plan.cgroup_tasks {
         sys::write_all_raw(*fd, b"0").at(SetupStep::CgroupAttach)?;
     }
-    // SAFETY: unshare and setsid take plain integers.
-    errno_of(unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } as libc::c_long)
-        .at(SetupStep::CgroupNamespace)?;
-    // SAFETY: as above.
-    errno_of(unsafe { libc::setsid() } as libc::c_long).at(SetupStep::Session)?;
-    // SAFETY: umask cannot fail. Device nodes and mount points get exact modes.
-    unsafe { libc::umask(0) };
-    mounts(plan)?;
-    errno_of(
-        // SAFETY: hostname is a valid buffer of the given length.
-        unsafe { libc::sethostname(plan.hostname.as_ptr(), plan.hostname.as_bytes().len()) } as libc::c_long,
-    )
-    .at(SetupStep::Hostname)?;
-    if plan.loopback {
-        sys::loopback_up().at(SetupStep::Loopback)?;
-    }
-    workdir(plan)?;
-    if plan.read_only_root {
-        sys::mount_setattr(libc::AT_FDCWD, c"/", 0, sys::MOUNT_ATTR_RDONLY).at(SetupStep::ReadonlyRoot)?;
+    if let RootPlan::Join { pidfd } = plan.root {
+        // setns(2) with a pidfd enters all the named namespaces at once (or
+        // none); entering the mount namespace also moves root and working
+        // directory to that namespace's root, the container's pivoted root.
+        let namespaces = libc::CLONE_NEWNS
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWNET
+            | libc::CLONE_NEWCGROUP;
+        // SAFETY: setns with a descriptor and flags.
+        errno_of(unsafe { libc::setns(pidfd, namespaces) } as libc::c_long).at(SetupStep::JoinNamespaces)?;
+        // SAFETY: setsid takes no arguments.
+        errno_of(unsafe { libc::setsid() } as libc::c_long).at(SetupStep::Session)?;
+        workdir(plan)?;
+    } else {
+        // SAFETY: unshare and setsid take plain integers.
+        errno_of(unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } as libc::c_long)
+            .at(SetupStep::CgroupNamespace)?;
+        // SAFETY: as above.
+        errno_of(unsafe { libc::setsid() } as libc::c_long).at(SetupStep::Session)?;
+        // SAFETY: umask cannot fail. Device nodes and mount points get exact modes.
+        unsafe { libc::umask(0) };
+        mounts(plan)?;
+        errno_of(
+            // SAFETY: hostname is a valid buffer of the given length.
+            unsafe { libc::sethostname(plan.hostname.as_ptr(), plan.hostname.as_bytes().len()) }
+                as libc::c_long,
+        )
+        .at(SetupStep::Hostname)?;
+        if plan.loopback {
+            sys::loopback_up().at(SetupStep::Loopback)?;
+        }
+        workdir(plan)?;
+        if plan.read_only_root {
+            sys::mount_setattr(libc::AT_FDCWD, c"/", 0, sys::MOUNT_ATTR_RDONLY)
+                .at(SetupStep::ReadonlyRoot)?;
+        }
     }
     for rlimit in &plan.rlimits {
         let value = libc::rlimit { rlim_cur: rlimit.soft, rlim_max: rlimit.hard };
@@ -775,6 +973,8 @@ fn mounts(plan: &ChildPlan) -> StepResult {
             sys::move_mount_path(tree.as_raw_fd(), &plan.root_target).at(SetupStep::RootMount)?;
             tree
         }
+        // An exec joins the container's mounts instead (see `setup_and_exec`).
+        RootPlan::Join { .. } => return Err((SetupStep::RootMount, Errno::EINVAL)),
     };
     let root_fd = root.as_raw_fd();
 

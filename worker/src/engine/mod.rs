@@ -34,6 +34,7 @@ mod capabilities;
 mod cgroup;
 #[allow(unsafe_code)]
 mod child;
+mod long_running;
 mod output;
 #[cfg_attr(test, allow(unsafe_code))]
 mod seccomp;
@@ -56,6 +57,7 @@ pub use bundle::{load_bundle, BundleError};
 pub use capabilities::{Capability, CapabilitySet, DEFAULT_CAPABILITIES};
 pub use cgroup::CgroupVersion;
 pub use child::SetupStep;
+pub use long_running::{Adoption, LongRunning, LongRunningConfig, ProcessIdentity, RunEnd, RunIdentity};
 pub use output::{OutputFollower, StreamProgress};
 pub use spec::{
     default_rlimits, parse_cpus, parse_duration, parse_size, validate_env_name, validate_id, ContainerSpec,
@@ -185,6 +187,9 @@ struct Shared {
     seccomp: seccomp::BpfProgram,
     last_capability: u32,
     machine: MachineSize,
+    /// This process's pid namespace, to return to after cloning an exec
+    /// into a container's.
+    own_pid_namespace: OwnedFd,
 }
 
 /// The engine: cheap to clone, shareable across tasks.
@@ -229,6 +234,10 @@ impl Engine {
         let last_capability = read_last_capability()?;
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|source| EngineError::StateDirectory { path: config.state_dir.clone(), source })?;
+        const OWN_PID_NAMESPACE: &str = "/proc/self/ns/pid";
+        let own_pid_namespace = std::fs::File::open(OWN_PID_NAMESPACE)
+            .map_err(|source| EngineError::KernelInfo { path: OWN_PID_NAMESPACE, source })?
+            .into();
         Ok(Engine {
             shared: Arc::new(Shared {
                 config,
@@ -236,6 +245,7 @@ impl Engine {
                 seccomp,
                 last_capability,
                 machine: MachineSize::detect(),
+                own_pid_namespace,
             }),
         })
     }
@@ -253,7 +263,36 @@ impl Engine {
     /// Validate `spec`, then make the container's cgroup (and, for disk
     /// scratch, its state directory). On error nothing is left behind.
     pub fn create(&self, spec: ContainerSpec) -> Result<Container, EngineError> {
+        let name = spec.id.clone();
+        self.create_in(spec, &name, None)
+    }
+
+    /// Prepare an exec into the running long-running container `target`:
+    /// `spec` (whose id names the exec, unique within the container) gives
+    /// the command, identity, limits and timeout; its root is ignored, the
+    /// process joins the target's namespaces. Its cgroup is a sub-cgroup of
+    /// the target's, so the exec counts against the container's limits as
+    /// well as its own. [`Container::start`], `wait` and `finish` then work
+    /// as for any container; `finish` removes only the exec's cgroup.
+    pub fn create_exec(&self, target: &LongRunning, spec: ContainerSpec) -> Result<Container, EngineError> {
+        let pidfd = target.init_pidfd().ok_or(EngineError::State("not running"))?;
+        let join = pidfd.try_clone_to_owned().map_err(EngineError::Wait)?;
+        let name = format!("{}/{}", target.id(), spec.id);
+        self.create_in(spec, &name, Some(join))
+    }
+
+    fn create_in(
+        &self,
+        mut spec: ContainerSpec,
+        cgroup_name: &str,
+        join: Option<OwnedFd>,
+    ) -> Result<Container, EngineError> {
         let created_at = Instant::now();
+        if join.is_some() {
+            // An exec has no root of its own and never writes one.
+            spec.root.read_only = true;
+            spec.root.scratch = Scratch::Memory;
+        }
         spec.validate(&self.shared.machine)?;
         let state_dir = &self.shared.config.state_dir;
         let disk_dir =
@@ -274,7 +313,7 @@ impl Engine {
         };
         // The cgroup name is the container id, so its creation is what makes
         // ids unique on this host.
-        let cgroup = match cgroups.create(&spec.id, &limits) {
+        let cgroup = match cgroups.create(cgroup_name, &limits) {
             Ok(cgroup) => cgroup,
             Err(CgroupError::AlreadyExists { .. }) => {
                 return Err(EngineError::AlreadyExists(spec.id.clone()))
@@ -297,6 +336,7 @@ impl Engine {
             spec,
             disk_dir,
             cgroup: Some(cgroup),
+            join,
             process: None,
             stdout: None,
             stderr: None,
@@ -398,6 +438,8 @@ pub struct Container {
     /// The on-disk state directory, for disk scratch only.
     disk_dir: Option<PathBuf>,
     cgroup: Option<ContainerCgroup>,
+    /// For an exec: the pidfd of the running container's first process.
+    join: Option<OwnedFd>,
     process: Option<Process>,
     stdout: Option<Capture>,
     stderr: Option<Capture>,
@@ -472,9 +514,13 @@ impl Container {
         let (stdout_read, stdout_write) = pipe()?;
         let (stderr_read, stderr_write) = pipe()?;
         let (report_read, report_write) = pipe()?;
-        let (tasks, cgroup_dir) = match cgroup.attach_handle()? {
-            AttachHandle::V1 { tasks } => (tasks, None),
-            AttachHandle::V2 { dir } => (Vec::new(), Some(dir)),
+        let (tasks, cgroup_dir) = if self.join.is_some() {
+            (cgroup.attach_files()?, None)
+        } else {
+            match cgroup.attach_handle()? {
+                AttachHandle::V1 { tasks } => (tasks, None),
+                AttachHandle::V2 { dir } => (Vec::new(), Some(dir)),
+            }
         };
         let state_dir = &self.engine.shared.config.state_dir;
         let paths = root_paths(state_dir, self.disk_dir.as_deref(), &self.spec);
@@ -486,7 +532,7 @@ impl Container {
         // The plan holds raw pointers (argv, the seccomp program): it lives
         // in this block only, so the future stays Send.
         let spawned = {
-            let plan = ChildPlan::prepare(
+            let mut plan = ChildPlan::prepare(
                 &self.spec,
                 &paths,
                 ChildDescriptors {
@@ -499,7 +545,19 @@ impl Container {
                 seccomp::sock_fprog(&self.engine.shared.seccomp).map_err(EngineError::Seccomp)?,
                 self.engine.shared.last_capability,
             );
-            child::spawn(&plan, namespaces as u64, cgroup_dir.as_ref().map(|dir| dir.as_raw_fd()))
+            match &self.join {
+                Some(target) => {
+                    plan.root = child::RootPlan::Join { pidfd: target.as_raw_fd() };
+                    child::spawn_joined(
+                        &plan,
+                        target.as_raw_fd(),
+                        self.engine.shared.own_pid_namespace.as_raw_fd(),
+                    )
+                }
+                None => {
+                    child::spawn(&plan, namespaces as u64, cgroup_dir.as_ref().map(|dir| dir.as_raw_fd()))
+                }
+            }
         }
         .map_err(EngineError::Clone)?;
         drop((stdin_read, stdout_write, stderr_write, report_write, tasks, cgroup_dir));
@@ -523,34 +581,14 @@ impl Container {
             drop(stdin_write);
         }
 
-        let mut report =
-            tokio::net::unix::pipe::Receiver::from_owned_fd(report_read).map_err(EngineError::Wait)?;
-        let mut buffer = [0u8; REPORT_SIZE];
-        let mut filled = 0;
-        while filled < REPORT_SIZE {
-            let read = report.read(&mut buffer[filled..]).await.map_err(EngineError::Wait)?;
-            if read == 0 {
-                break;
-            }
-            filled += read;
-        }
-        match filled {
-            0 => {
+        match read_setup_report(report_read).await? {
+            None => {
                 self.exec_at = Some(Instant::now());
                 Ok(())
             }
-            REPORT_SIZE => {
-                let code = u32::from_ne_bytes([buffer[0], buffer[1], buffer[2], buffer[3]]);
-                let errno = i32::from_ne_bytes([buffer[4], buffer[5], buffer[6], buffer[7]]);
+            Some(error) => {
                 self.wait_exit().await?;
-                match SetupStep::from_code(code) {
-                    Some(step) => Err(EngineError::Setup { step, errno: Errno::from_raw(errno) }),
-                    None => Err(EngineError::SetupLost(format!("unknown step {code}"))),
-                }
-            }
-            partial => {
-                self.wait_exit().await?;
-                Err(EngineError::SetupLost(format!("short report of {partial} bytes")))
+                Err(error)
             }
         }
     }
@@ -686,6 +724,35 @@ impl Container {
             stderr: stderr?,
         })
     }
+}
+
+/// Reads the report pipe of a setup process until end of file: `None` when
+/// the command was exec'd (the pipe closed on exec without a word), else the
+/// failed step.
+async fn read_setup_report(report_read: OwnedFd) -> Result<Option<EngineError>, EngineError> {
+    let mut report =
+        tokio::net::unix::pipe::Receiver::from_owned_fd(report_read).map_err(EngineError::Wait)?;
+    let mut buffer = [0u8; REPORT_SIZE];
+    let mut filled = 0;
+    while filled < REPORT_SIZE {
+        let read = report.read(&mut buffer[filled..]).await.map_err(EngineError::Wait)?;
+        if read == 0 {
+            break;
+        }
+        filled += read;
+    }
+    Ok(match filled {
+        0 => None,
+        REPORT_SIZE => {
+            let code = u32::from_ne_bytes([buffer[0], buffer[1], buffer[2], buffer[3]]);
+            let errno = i32::from_ne_bytes([buffer[4], buffer[5], buffer[6], buffer[7]]);
+            Some(match SetupStep::from_code(code) {
+                Some(step) => EngineError::Setup { step, errno: Errno::from_raw(errno) },
+                None => EngineError::SetupLost(format!("unknown step {code}")),
+            })
+        }
+        partial => Some(EngineError::SetupLost(format!("short report of {partial} bytes"))),
+    })
 }
 
 async fn finish_stream(capture: Option<Capture>) -> Result<StreamOutcome, EngineError> {

@@ -29,7 +29,7 @@ pub const MAX_PIDS: u64 = 4 * 1024 * 1024;
 /// A container to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerSpec {
-    /// Unique id: `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`; names the cgroup and state directory.
+    /// Unique id: `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`; names the cgroup and state directory.
     pub id: String,
     /// The root filesystem.
     pub root: RootSpec,
@@ -188,7 +188,7 @@ pub fn default_rlimits() -> Vec<Rlimit> {
 pub enum SpecError {
     /// Container id malformed.
     #[error(
-        "invalid container id {0:?}: use 1-64 characters [A-Za-z0-9_.-], starting with a letter or digit"
+        "invalid container id {0:?}: use 1-128 characters [A-Za-z0-9_.-], starting with a letter or digit"
     )]
     Id(String),
     /// No layers given.
@@ -402,7 +402,7 @@ impl MachineSize {
 pub fn validate_id(id: &str) -> Result<(), SpecError> {
     let bytes = id.as_bytes();
     let ok = !bytes.is_empty()
-        && bytes.len() <= 64
+        && bytes.len() <= 128
         && bytes[0].is_ascii_alphanumeric()
         && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
     if ok {
@@ -511,7 +511,7 @@ mod tests {
 
     #[test]
     fn bad_ids() {
-        for id in ["", "-x", "a/b", "a b", &"x".repeat(65), "..", "é"] {
+        for id in ["", "-x", "a/b", "a b", &"x".repeat(129), "..", "é"] {
             assert_eq!(validate_id(id), Err(SpecError::Id(id.to_owned())), "{id}");
         }
         validate_id("task-1.2_x").unwrap();

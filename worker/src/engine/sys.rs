@@ -439,3 +439,30 @@ pub fn set_parent_death_signal(command: &mut tokio::process::Command, signal: li
         });
     }
 }
+
+/// pidfd_open(2): a close-on-exec pidfd of process `pid`. A pidfd pins the
+/// process it was opened for: once the caller has checked that this process
+/// is the one it expects (its start time), signals and waits through the
+/// descriptor cannot reach a later process that reuses the pid.
+pub(super) fn pidfd_open(pid: libc::pid_t) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_open takes a pid and flags (0: pidfds are always close-on-exec).
+    let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    // SAFETY: the kernel returned a new descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// setns(2) of the calling thread.
+pub(super) fn setns(fd: RawFd, namespaces: libc::c_int) -> Result<(), Errno> {
+    // SAFETY: setns with a descriptor and flags.
+    check(unsafe { libc::setns(fd, namespaces) } as libc::c_long).map(drop)
+}
+
+/// waitid(P_PIDFD, WEXITED | WNOHANG) to reap a child whose status is not
+/// needed (its own exit report lives elsewhere). `ECHILD` (not our child,
+/// or already reaped) is not an error.
+pub(super) fn reap_pidfd(pidfd: RawFd) {
+    match wait_pidfd_nohang(pidfd) {
+        Ok(_) | Err(Errno::ECHILD) => {}
+        Err(errno) => tracing::debug!(%errno, "reaping a shim"),
+    }
+}

@@ -54,6 +54,7 @@
 //! Test seam: `WorkerConfig::crash_at` names a point at which the process
 //! SIGKILLs itself (see [`CrashPoint`]), for the crash-recovery tests.
 
+pub mod long_running;
 mod plan;
 mod recorder;
 mod run;
@@ -67,7 +68,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{watch, Semaphore};
 
 use crate::broker::{self, JetStreamHandles, JetStreamSettings, SetupError};
-use crate::engine::{Engine, EngineConfig, EngineError, UnavailableLimits};
+use crate::engine::{Engine, EngineConfig, EngineError, LongRunningConfig, UnavailableLimits};
 use crate::events::{rebuild, EventLog, EventLogError};
 use crate::image::{ImageError, ImageStore, PullOptions};
 use crate::protocol::{ContainerSummary, Event, ImageSummary, WorkerInfo};
@@ -136,6 +137,16 @@ pub struct WorkerConfig {
     pub cgroup_parent: String,
     /// Test seam: SIGKILL this process at this point of the first task that reaches it.
     pub crash_at: Option<CrashPoint>,
+    /// Long-running containers: the shim program, log rotation.
+    pub long_running: LongRunningConfig,
+}
+
+/// Where `quilt-shim` is by default: next to the running executable.
+pub fn default_shim_path() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("quilt-shim")))
+        .unwrap_or_else(|| PathBuf::from("/usr/local/bin/quilt-shim"))
 }
 
 impl WorkerConfig {
@@ -153,6 +164,11 @@ impl WorkerConfig {
             unavailable_limits: UnavailableLimits::Refuse,
             cgroup_parent: "quilt".to_owned(),
             crash_at: None,
+            long_running: LongRunningConfig {
+                shim: default_shim_path(),
+                log_segment_bytes: 8 << 20,
+                log_segments: 4,
+            },
         }
     }
 }
@@ -224,6 +240,8 @@ pub(crate) struct Shared {
     pub(crate) abandoning: watch::Sender<bool>,
     /// Tasks a handler of this process holds right now, by id.
     pub(crate) in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Long-running containers this process manages, by name.
+    pub(crate) long_running: long_running::LongRunningSet,
 }
 
 /// Read-only access to a running worker, for the control API (which
@@ -247,7 +265,8 @@ impl WorkerView {
 
     /// The containers that may exist on this worker, by the log.
     pub fn containers(&self) -> Vec<ContainerSummary> {
-        self.shared
+        let mut containers: Vec<ContainerSummary> = self
+            .shared
             .recorder
             .state()
             .containers
@@ -257,8 +276,67 @@ impl WorkerView {
                 worker_id: self.shared.config.worker_id.clone(),
                 task_id: entry.task_id.clone(),
                 pid: entry.pid,
+                name: None,
+                status: "running".to_owned(),
+                image: None,
+                run: None,
+                exit_code: None,
+                signal: None,
+                restart: None,
             })
-            .collect()
+            .collect();
+        containers.extend(long_running::summaries(&self.shared));
+        containers
+    }
+
+    /// Long-running container `name`, if this worker owns it.
+    pub fn long_running(&self, name: &str) -> Option<ContainerSummary> {
+        long_running::summary(&self.shared, name)
+    }
+
+    /// Stops long-running container `name` (SIGTERM, `grace`, SIGKILL).
+    pub async fn stop(
+        &self,
+        name: &str,
+        grace: Duration,
+    ) -> Result<ContainerSummary, long_running::ControlError> {
+        long_running::stop(&self.shared, name, grace).await
+    }
+
+    /// Removes long-running container `name`.
+    pub async fn remove(&self, name: &str, grace: Duration) -> Result<(), long_running::ControlError> {
+        long_running::remove(&self.shared, name, grace).await
+    }
+
+    /// Log bytes of long-running container `name`: from `offset`, or its
+    /// last `tail` lines (reads files: call from a blocking thread).
+    pub fn logs(
+        &self,
+        name: &str,
+        offset: Option<u64>,
+        tail: Option<usize>,
+        max_bytes: usize,
+    ) -> Result<crate::shim::LogChunk, long_running::ControlError> {
+        long_running::logs(&self.shared, name, offset, tail, max_bytes)
+    }
+
+    /// Runs `request`'s command inside long-running container
+    /// `request.name` and returns its result (an error result is a result).
+    pub async fn exec(
+        &self,
+        request: crate::protocol::ContainerRequest,
+    ) -> Result<crate::protocol::TaskResult, long_running::ControlError> {
+        long_running::exec_request(&self.shared, request).await
+    }
+
+    /// Drops the registration of `name` whose owner is gone for good.
+    pub async fn forget(&self, name: &str) -> Result<(), long_running::ControlError> {
+        long_running::forget(&self.shared, name).await
+    }
+
+    /// The worker's JetStream handles (the KV bucket of container names).
+    pub fn jetstream(&self) -> &JetStreamHandles {
+        &self.shared.jetstream
     }
 
     /// What the worker is and does.
@@ -332,6 +410,7 @@ pub async fn run_with(
     // (`container_reaped`) is what an operator most wants to see.
     recorder.mirror_to(client.clone());
     // Reap before anything else: nothing left behind must outlive a restart.
+    // Long-running containers are not left behind: they are adopted below.
     reap_leftovers(&engine, &recorder, &config.worker_id).await?;
 
     let context = broker::context(client.clone());
@@ -361,8 +440,27 @@ pub async fn run_with(
         stopping: stop.clone(),
         abandoning: watch::Sender::new(false),
         in_flight: std::sync::Mutex::default(),
+        long_running: long_running::LongRunningSet::default(),
     });
     run::settle_held_tasks(&shared).await;
+    long_running::adopt_all(&shared).await;
+    let own_consumer = loop {
+        match broker::ensure_worker_consumer(
+            &shared.jetstream.tasks,
+            &shared.config.jetstream,
+            &shared.config.worker_id,
+        )
+        .await
+        {
+            Ok(consumer) => break consumer,
+            Err(error) => {
+                tracing::warn!(error = %crate_error_chain(&error), "cannot set up this worker's consumer; retrying");
+                if wait_or_stop(&stop, Duration::from_secs(1)).await {
+                    return Ok(());
+                }
+            }
+        }
+    };
     record(
         &shared.recorder,
         Event::WorkerStarted {
@@ -377,18 +475,26 @@ pub async fn run_with(
     let advisories = tokio::spawn(run::watch_max_deliveries(Arc::clone(&shared)));
     let slots = Arc::new(Semaphore::new(shared.config.concurrency.max(1)));
     let mut running = tokio::task::JoinSet::new();
-    pull_loop(&shared, &slots, &mut running).await;
+    let mut routed = tokio::task::JoinSet::new();
+    // The shared queue and the tasks routed to this worker (for the
+    // long-running containers it owns) share the slots.
+    tokio::join!(
+        pull_loop(&shared, &shared.jetstream.consumer, &slots, &mut running),
+        pull_loop(&shared, &own_consumer, &slots, &mut routed),
+    );
     advisories.abort();
 
     // Drain: running tasks get the grace period, then are handed back.
     let drained = tokio::time::timeout(shared.config.shutdown_grace, async {
         while running.join_next().await.is_some() {}
+        while routed.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(left = running.len(), "grace period over; handing running tasks back");
+        tracing::warn!(left = running.len() + routed.len(), "grace period over; handing running tasks back");
         run::abandon_running(&shared);
         while running.join_next().await.is_some() {}
+        while routed.join_next().await.is_some() {}
     }
     // Acks and results are published through the client's buffer: flush it.
     let _ = shared.client.flush().await;
@@ -405,7 +511,12 @@ pub async fn run_with(
     Ok(())
 }
 
-async fn pull_loop(shared: &Arc<Shared>, slots: &Arc<Semaphore>, running: &mut tokio::task::JoinSet<()>) {
+async fn pull_loop(
+    shared: &Arc<Shared>,
+    consumer: &async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config>,
+    slots: &Arc<Semaphore>,
+    running: &mut tokio::task::JoinSet<()>,
+) {
     let mut stop = shared.stopping.clone();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -428,14 +539,7 @@ async fn pull_loop(shared: &Arc<Shared>, slots: &Arc<Semaphore>, running: &mut t
         // dropped (redelivered only after AckWait). A request that expires
         // every few seconds gives the same protection heartbeats would: a
         // subscription that stalled is replaced within seconds.
-        let batch = shared
-            .jetstream
-            .consumer
-            .batch()
-            .max_messages(permits.len())
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await;
+        let batch = consumer.batch().max_messages(permits.len()).expires(PULL_EXPIRES).messages().await;
         let mut batch = match batch {
             Ok(batch) => batch,
             Err(error) => {
@@ -492,12 +596,14 @@ async fn pull_loop(shared: &Arc<Shared>, slots: &Arc<Semaphore>, running: &mut t
 /// Kills and removes what a previous run of this worker left: every
 /// container the log says may exist, and any of this worker's naming.
 async fn reap_leftovers(engine: &Engine, recorder: &Recorder, worker_id: &str) -> Result<(), WorkerError> {
-    let mut targets: Vec<(String, Option<String>)> = recorder
-        .state()
-        .containers
-        .iter()
-        .map(|(id, entry)| (id.clone(), Some(entry.task_id.clone())))
-        .collect();
+    let (long_running, mut targets) = {
+        let state = recorder.state();
+        let long_running: Vec<String> =
+            state.long_running.values().map(|entry| entry.container_id.clone()).collect();
+        let targets: Vec<(String, Option<String>)> =
+            state.containers.iter().map(|(id, entry)| (id.clone(), Some(entry.task_id.clone()))).collect();
+        (long_running, targets)
+    };
     let prefix = format!("{worker_id}.");
     let existing = {
         let engine = engine.clone();
@@ -506,7 +612,7 @@ async fn reap_leftovers(engine: &Engine, recorder: &Recorder, worker_id: &str) -
             .map_err(|error| WorkerError::Join(error.to_string()))?
     };
     for id in existing {
-        if !targets.iter().any(|(known, _)| *known == id) {
+        if !targets.iter().any(|(known, _)| *known == id) && !long_running.contains(&id) {
             targets.push((id, None));
         }
     }

@@ -12,23 +12,30 @@ use async_nats::jetstream::{AckKind, Message};
 use futures_util::StreamExt;
 
 use crate::broker::subjects;
-use crate::engine::{EngineError, Outcome, OutputFollower, SetupStep, Status};
+use crate::engine::{Container, EngineError, Outcome, OutputFollower, SetupStep, Status};
 use crate::image::{ImageError, ImageRecord, Lease};
 use crate::protocol::{
     parse_task, task_id_from_bytes, validate_task_id, DeadLetter, ErrorInfo, Event, OutputChunk,
-    OutputStream, ResultTimings, ResultUsage, Task, TaskResult, TaskStatus, Truncated, SCHEMA_VERSION,
+    OutputStream, Placement, ResultTimings, ResultUsage, Task, TaskResult, TaskStatus, Truncated,
+    SCHEMA_VERSION,
 };
 
-use super::{note, plan, record, wait_or_stop, CrashPoint, Shared};
+use super::{long_running, note, plan, record, wait_or_stop, CrashPoint, Shared};
 
 /// Why a task did not produce a result on this delivery.
-enum Failure {
+pub(super) enum Failure {
     /// A final answer that is not a container outcome (rejected, error).
     Final(Box<TaskResult>),
     /// Worth another delivery; dead-lettered on the last one.
     Retry(ErrorInfo),
     /// The worker is shutting down and handed the task back.
     Abandoned,
+    /// The task was routed to the worker that owns its long-running
+    /// container (`quilt.tasks.worker.<owner>`), which answers it.
+    Forwarded {
+        /// That worker.
+        to: String,
+    },
 }
 
 /// What became of a result publish.
@@ -173,7 +180,7 @@ pub(crate) async fn handle_delivery(shared: &Arc<Shared>, message: Message) {
             error,
             None,
         )))),
-        Ok(task) => execute(shared, &task, &task_id, attempt).await,
+        Ok(task) => execute(shared, &task, &task_id, attempt, &payload).await,
     };
     let finished = match outcome {
         Ok(mut result) => {
@@ -217,6 +224,13 @@ pub(crate) async fn handle_delivery(shared: &Arc<Shared>, message: Message) {
                 },
             )
             .await;
+            None
+        }
+        Err(Failure::Forwarded { to }) => {
+            tracing::info!(task = %task_id, owner = %to, "task forwarded to the owner of its container");
+            progress.abort();
+            record(&shared.recorder, Event::TaskForwarded { task_id: task_id.clone(), to }).await;
+            ack(shared, &message, &task_id).await;
             None
         }
         Err(Failure::Abandoned) => {
@@ -462,7 +476,7 @@ fn fit_result(mut result: TaskResult, max_payload: usize) -> TaskResult {
     result
 }
 
-fn failure_result(
+pub(super) fn failure_result(
     shared: &Shared,
     task_id: &str,
     attempt: u64,
@@ -473,7 +487,7 @@ fn failure_result(
     TaskResult::without_outcome(task_id, &shared.config.worker_id, container_id, status, Some(error), attempt)
 }
 
-fn error_info(kind: &str, message: impl std::fmt::Display) -> ErrorInfo {
+pub(super) fn error_info(kind: &str, message: impl std::fmt::Display) -> ErrorInfo {
     ErrorInfo { kind: kind.to_owned(), message: message.to_string() }
 }
 
@@ -483,30 +497,19 @@ async fn execute(
     task: &Task,
     task_id: &str,
     attempt: u64,
+    payload: &bytes::Bytes,
 ) -> Result<TaskResult, Failure> {
-    let image_started = Instant::now();
-    let (image, layers, lease) = resolve_image(shared, &task.image).await.map_err(|error| {
-        let info = error_info(error.kind(), &error);
-        match error.kind() {
-            "image_not_found" | "invalid_reference" => Failure::Final(Box::new(failure_result(
-                shared,
-                task_id,
-                attempt,
-                TaskStatus::Rejected,
-                info,
-                None,
-            ))),
-            "registry" | "timeout" | "image" => Failure::Retry(info),
-            _ => Failure::Final(Box::new(failure_result(
-                shared,
-                task_id,
-                attempt,
-                TaskStatus::Error,
-                info,
-                None,
-            ))),
+    match task.placement() {
+        Placement::Ephemeral => {}
+        Placement::LongRunning { name, .. } => {
+            return long_running::create(shared, task, task_id, attempt, &name, payload).await
         }
-    })?;
+        Placement::Exec { target } => {
+            return long_running::exec(shared, task, task_id, attempt, &target, payload).await
+        }
+    }
+    let image_started = Instant::now();
+    let (image, layers, lease) = resolve_image_for(shared, task_id, attempt, &task.image).await?;
     let image_ms = elapsed_ms(image_started);
     let container_id =
         format!("{}.{}", shared.config.worker_id, &uuid::Uuid::new_v4().simple().to_string()[..12]);
@@ -536,19 +539,66 @@ async fn execute(
     );
     let removed =
         || Event::ContainerRemoved { task_id: task_id.to_owned(), container_id: container_id.clone() };
-    let mut container = match shared.engine.create(spec) {
+    let container = match shared.engine.create(spec) {
         Ok(container) => container,
         Err(error) => {
             note(&shared.recorder, removed());
             return Err(engine_failure(shared, task_id, attempt, &error, &container_id));
         }
     };
+    let result = drive(shared, task_id, attempt, container, image_ms, true).await;
+    drop(lease);
+    note(&shared.recorder, removed());
+    result
+}
+
+/// Finds (or pulls) a task's image; failures become the task's answer.
+pub(super) async fn resolve_image_for(
+    shared: &Shared,
+    task_id: &str,
+    attempt: u64,
+    image: &str,
+) -> Result<(ImageRecord, Vec<std::path::PathBuf>, Lease), Failure> {
+    resolve_image(shared, image).await.map_err(|error| {
+        let info = error_info(error.kind(), &error);
+        match error.kind() {
+            "image_not_found" | "invalid_reference" => Failure::Final(Box::new(failure_result(
+                shared,
+                task_id,
+                attempt,
+                TaskStatus::Rejected,
+                info,
+                None,
+            ))),
+            "registry" | "timeout" | "image" => Failure::Retry(info),
+            _ => Failure::Final(Box::new(failure_result(
+                shared,
+                task_id,
+                attempt,
+                TaskStatus::Error,
+                info,
+                None,
+            ))),
+        }
+    })
+}
+
+/// Starts a created container (an ephemeral one or an exec) and drives it
+/// to its outcome: events, live output, wait (or abandonment), teardown.
+pub(super) async fn drive(
+    shared: &Arc<Shared>,
+    task_id: &str,
+    attempt: u64,
+    mut container: Container,
+    image_ms: f64,
+    record_start: bool,
+) -> Result<TaskResult, Failure> {
+    let container_id = container.id().to_owned();
     if let Err(error) = container.start().await {
         let _ = container.finish().await;
-        note(&shared.recorder, removed());
         return Err(engine_failure(shared, task_id, attempt, &error, &container_id));
     }
-    if let Some(pid) = container.pid() {
+    if let Some(pid) = container.pid().filter(|_| record_start) {
         // Queued: the reaping after a crash goes by `container_creating`.
         note(
             &shared.recorder,
@@ -587,8 +637,6 @@ async fn execute(
     for stream in streams {
         let _ = stream.await;
     }
-    drop(lease);
-    note(&shared.recorder, removed());
     if abandoned {
         return Err(Failure::Abandoned);
     }
@@ -597,7 +645,7 @@ async fn execute(
     Ok(outcome_result(shared, task_id, attempt, &outcome, image_ms))
 }
 
-fn engine_failure(
+pub(super) fn engine_failure(
     shared: &Shared,
     task_id: &str,
     attempt: u64,

@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::result::{ErrorInfo, TaskResult};
 use super::schema_version;
+use super::task::Task;
+use crate::engine::RunIdentity;
 
 /// One state transition of a task or container. Events are facts: folding
 /// one twice leaves the same state (see `orchestrator::state`).
@@ -88,6 +90,14 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// The task was routed to the worker owning its long-running container
+    /// (published on `quilt.tasks.worker.<to>`) and this delivery acked.
+    TaskForwarded {
+        /// The task.
+        task_id: String,
+        /// The owning worker.
+        to: String,
+    },
     /// The task was moved to `quilt.dlq` after its last allowed delivery.
     DeadLettered {
         /// The task.
@@ -107,6 +117,76 @@ pub enum Event {
         /// Something of it was still there.
         found: bool,
     },
+    /// A long-running container is this worker's (its name is registered
+    /// to it in `quilt_containers`) and about to be started the first time.
+    LongRunningCreated {
+        /// Its name.
+        name: String,
+        /// Its id (cgroup and directory name).
+        container_id: String,
+        /// The id of the task that created it.
+        task_id: String,
+        /// The task that created it: image, command, limits and restart
+        /// policy of every run.
+        task: Box<Task>,
+    },
+    /// A run of a long-running container started.
+    LongRunningStarted {
+        /// Its name.
+        name: String,
+        /// The run: number, and the pids and start times of its first
+        /// process and shim (what a restarted worker re-adopts by).
+        identity: RunIdentity,
+        /// When, in milliseconds since the Unix epoch.
+        started_at_unix_ms: u64,
+    },
+    /// A run could not be started (a restart whose image is gone, a
+    /// command not found): counts as a failed run.
+    LongRunningStartFailed {
+        /// Its name.
+        name: String,
+        /// The run that failed to start.
+        run: u32,
+        /// Why.
+        error: ErrorInfo,
+        /// When, in milliseconds since the Unix epoch.
+        at_unix_ms: u64,
+    },
+    /// A run ended, as its shim recorded it (or `lost` when the shim itself
+    /// was killed and left no record).
+    LongRunningExited {
+        /// Its name.
+        name: String,
+        /// The run.
+        run: u32,
+        /// Exit code of its first process.
+        exit_code: Option<i32>,
+        /// Signal that killed it.
+        signal: Option<i32>,
+        /// No record of the end exists.
+        lost: bool,
+        /// When, in milliseconds since the Unix epoch.
+        exited_at_unix_ms: u64,
+    },
+    /// A restarted worker found a run still going and took it over.
+    LongRunningAdopted {
+        /// Its name.
+        name: String,
+        /// The run.
+        run: u32,
+    },
+    /// A stop was asked for: the container is not restarted until a
+    /// long-running task for it starts it again.
+    LongRunningStopped {
+        /// Its name.
+        name: String,
+    },
+    /// The container was removed: processes, cgroup, files, logs and its
+    /// name's registration.
+    LongRunningRemoved {
+        /// Its name.
+        name: String,
+    },
 }
 
 impl Event {
@@ -124,14 +204,29 @@ impl Event {
             Event::TaskAcked { .. } => "task_acked",
             Event::TaskReleased { .. } => "task_released",
             Event::DeadLettered { .. } => "dead_lettered",
+            Event::TaskForwarded { .. } => "task_forwarded",
             Event::ContainerReaped { .. } => "container_reaped",
+            Event::LongRunningCreated { .. } => "long_running_created",
+            Event::LongRunningStarted { .. } => "long_running_started",
+            Event::LongRunningStartFailed { .. } => "long_running_start_failed",
+            Event::LongRunningExited { .. } => "long_running_exited",
+            Event::LongRunningAdopted { .. } => "long_running_adopted",
+            Event::LongRunningStopped { .. } => "long_running_stopped",
+            Event::LongRunningRemoved { .. } => "long_running_removed",
         }
     }
 
     /// The task the event is about, if any.
     pub fn task_id(&self) -> Option<&str> {
         match self {
-            Event::WorkerStarted { .. } => None,
+            Event::WorkerStarted { .. }
+            | Event::LongRunningStarted { .. }
+            | Event::LongRunningStartFailed { .. }
+            | Event::LongRunningExited { .. }
+            | Event::LongRunningAdopted { .. }
+            | Event::LongRunningStopped { .. }
+            | Event::LongRunningRemoved { .. } => None,
+            Event::LongRunningCreated { task_id, .. } => Some(task_id),
             Event::ResultStored { result } => Some(&result.id),
             Event::ContainerReaped { task_id, .. } => task_id.as_deref(),
             Event::TaskClaimed { task_id, .. }
@@ -142,6 +237,7 @@ impl Event {
             | Event::ResultDiscarded { task_id, .. }
             | Event::TaskAcked { task_id }
             | Event::TaskReleased { task_id, .. }
+            | Event::TaskForwarded { task_id, .. }
             | Event::DeadLettered { task_id, .. } => Some(task_id),
         }
     }

@@ -16,14 +16,18 @@ mod event;
 mod result;
 mod task;
 
-pub use api::{ApiReply, ContainerSummary, ImageSummary, WorkerInfo};
+pub use api::{
+    ApiReply, ContainerRegistration, ContainerRequest, ContainerSummary, ImageSummary, LogChunkReply,
+    WorkerInfo,
+};
 pub use event::{Event, EventMessage};
 pub use result::{
     DeadLetter, ErrorInfo, OutputChunk, OutputStream, ResultTimings, ResultUsage, TaskResult, TaskStatus,
     Truncated,
 };
 pub use task::{
-    parse_task, task_id_from_bytes, validate_task_id, ContainerMode, Network, Task, TaskError, TaskLimits,
+    parse_task, task_id_from_bytes, validate_container_name, validate_task_id, ContainerMode,
+    ContainerOptions, Network, Placement, RestartPolicy, Task, TaskError, TaskLimits, DEFAULT_MAX_RETRIES,
     MAX_TASK_ID_LEN,
 };
 
@@ -56,6 +60,13 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("dead_letter.json", schemars::schema_for!(DeadLetter)),
         ("api/containers.list.json", schemars::schema_for!(ApiReply<Vec<ContainerSummary>>)),
         ("api/containers.inspect.json", schemars::schema_for!(ApiReply<ContainerSummary>)),
+        ("api/containers.stop.json", schemars::schema_for!(ApiReply<ContainerSummary>)),
+        ("api/containers.remove.json", schemars::schema_for!(ApiReply<String>)),
+        ("api/containers.logs.json", schemars::schema_for!(ApiReply<LogChunkReply>)),
+        ("api/containers.exec.json", schemars::schema_for!(ApiReply<TaskResult>)),
+        ("api/containers.forget.json", schemars::schema_for!(ApiReply<String>)),
+        ("api/container_request.json", schemars::schema_for!(ContainerRequest)),
+        ("container_registration.json", schemars::schema_for!(ContainerRegistration)),
         ("api/images.list.json", schemars::schema_for!(ApiReply<Vec<ImageSummary>>)),
         ("api/worker.info.json", schemars::schema_for!(ApiReply<WorkerInfo>)),
         ("api/health.json", schemars::schema_for!(ApiReply<String>)),

@@ -27,6 +27,9 @@ pub struct Task {
     pub id: Option<String>,
     /// The image, by name (`docker.io/library/alpine:3.20`, `busybox`) or
     /// digest; taken from the worker's image store, pulled when missing.
+    /// Required, except for a task run inside a long-running container
+    /// (`container.target`), which uses that container's image.
+    #[serde(default)]
     pub image: String,
     /// The command and its arguments; empty means the image's Entrypoint/Cmd.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -52,10 +55,13 @@ pub struct Task {
     /// (only where the worker's operator allows it).
     #[serde(default)]
     pub network: Network,
-    /// Container lifecycle; this version runs every task in a fresh
-    /// container removed afterwards (`{"mode": "ephemeral"}`).
+    /// Where the task runs: a fresh container removed afterwards (the
+    /// default, `{"mode": "ephemeral"}`), a named long-running container
+    /// created or reused (`{"mode": "long_running", "name": "n", "restart":
+    /// "on-failure"}`), or inside a running long-running container
+    /// (`{"target": "n"}`).
     #[serde(default)]
-    pub container: ContainerMode,
+    pub container: ContainerOptions,
 }
 
 /// A task's resource limits. All optional.
@@ -90,13 +96,97 @@ pub enum Network {
     Host,
 }
 
-/// How the task's container lives.
+/// Where a task runs (see [`Task::container`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerOptions {
+    /// `ephemeral` (the default) or `long_running`.
+    #[serde(default)]
+    pub mode: ContainerMode,
+    /// `long_running`: the container's name, unique across the fleet: 1 to
+    /// 61 of `A-Z a-z 0-9 _ . -`, starting with a letter or digit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `long_running`: when its command ends, `no` (default), `on-failure`
+    /// or `always` start it again, after a back-off (see the README).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartPolicy>,
+    /// `on-failure`: restarts allowed after consecutive failures (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    /// Run the task's command inside this running long-running container,
+    /// joining its namespaces and cgroup; `mode`, `name`, `restart` and
+    /// `image` do not apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// How the task's container lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum ContainerMode {
     /// A fresh container for this task, removed after it.
     #[default]
     Ephemeral,
+    /// A named container that keeps running after the task (which ends
+    /// once the container has started), until stopped or removed.
+    LongRunning,
+}
+
+/// What happens when a long-running container's command ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RestartPolicy {
+    /// Leave it stopped.
+    #[default]
+    #[serde(rename = "no")]
+    No,
+    /// Start it again when it failed (non-zero exit, a signal, lost), up to
+    /// `max_retries` times in a row.
+    #[serde(rename = "on-failure")]
+    OnFailure,
+    /// Start it again whenever it ends, unless it was stopped.
+    #[serde(rename = "always")]
+    Always,
+}
+
+/// Default of `max_retries` for `on-failure`.
+pub const DEFAULT_MAX_RETRIES: u32 = 5;
+
+/// Where a checked task runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// A fresh container.
+    Ephemeral,
+    /// Create (or reuse) long-running container `name`.
+    LongRunning {
+        /// Its name.
+        name: String,
+        /// Its restart policy.
+        restart: RestartPolicy,
+        /// Restarts allowed after consecutive failures (`on-failure`).
+        max_retries: u32,
+    },
+    /// Exec into running container `target`.
+    Exec {
+        /// The container's name.
+        target: String,
+    },
+}
+
+/// Checks a long-running container's name (see [`ContainerOptions::name`]).
+pub fn validate_container_name(name: &str) -> Result<(), String> {
+    let bytes = name.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 61
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a container name: 1 to 61 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
+        ))
+    }
 }
 
 /// A task that cannot run as given: which field, and why.
@@ -150,7 +240,12 @@ impl Task {
         if let Some(id) = &self.id {
             validate_task_id(id)?;
         }
-        if self.image.is_empty() || self.image.len() > 1024 || self.image.contains(char::is_control) {
+        self.check_container()?;
+        let exec = self.container.target.is_some();
+        if (self.image.is_empty() && !exec)
+            || self.image.len() > 1024
+            || self.image.contains(char::is_control)
+        {
             return Err(TaskError::new("image", "must be an image name or digest"));
         }
         for (index, argument) in self.command.iter().enumerate() {
@@ -213,6 +308,68 @@ impl Task {
     }
 }
 
+impl Task {
+    fn check_container(&self) -> Result<(), TaskError> {
+        let options = &self.container;
+        if let Some(target) = &options.target {
+            validate_container_name(target).map_err(|message| TaskError::new("container.target", message))?;
+            if options.mode != ContainerMode::Ephemeral
+                || options.name.is_some()
+                || options.restart.is_some()
+                || options.max_retries.is_some()
+            {
+                return Err(TaskError::new(
+                    "container.target",
+                    "runs in an existing container: mode, name, restart and max_retries do not apply",
+                ));
+            }
+            return Ok(());
+        }
+        match options.mode {
+            ContainerMode::Ephemeral => {
+                for (field, given) in [
+                    ("container.name", options.name.is_some()),
+                    ("container.restart", options.restart.is_some()),
+                    ("container.max_retries", options.max_retries.is_some()),
+                ] {
+                    if given {
+                        return Err(TaskError::new(field, "only for \"mode\": \"long_running\""));
+                    }
+                }
+            }
+            ContainerMode::LongRunning => {
+                let name = options.name.as_deref().ok_or_else(|| {
+                    TaskError::new("container.name", "a long-running container needs a name")
+                })?;
+                validate_container_name(name).map_err(|message| TaskError::new("container.name", message))?;
+                if options.max_retries.is_some() && options.restart != Some(RestartPolicy::OnFailure) {
+                    return Err(TaskError::new(
+                        "container.max_retries",
+                        "only with \"restart\": \"on-failure\"",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the (checked) task runs.
+    pub fn placement(&self) -> Placement {
+        let options = &self.container;
+        if let Some(target) = &options.target {
+            return Placement::Exec { target: target.clone() };
+        }
+        match (options.mode, &options.name) {
+            (ContainerMode::LongRunning, Some(name)) => Placement::LongRunning {
+                name: name.clone(),
+                restart: options.restart.unwrap_or_default(),
+                max_retries: options.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
+            },
+            _ => Placement::Ephemeral,
+        }
+    }
+}
+
 /// A task id must be a plain NATS subject token.
 pub fn validate_task_id(id: &str) -> Result<(), TaskError> {
     let ok = !id.is_empty()
@@ -248,7 +405,7 @@ mod tests {
         assert_eq!(task.schema, 1);
         assert_eq!(task.id, None);
         assert_eq!(task.network, Network::None);
-        assert_eq!(task.container, ContainerMode::Ephemeral);
+        assert_eq!(task.placement(), Placement::Ephemeral);
         assert_eq!(task.limits, TaskLimits::default());
     }
 
@@ -259,14 +416,20 @@ mod tests {
             (br#"{"image": "b", "limits": {"memory_mb": "lots"}}"#, "limits.memory_mb"),
             (br#"{"image": "b", "limits": {"memroy_mb": 1}}"#, "limits.memroy_mb"),
             (br#"{"image": 5}"#, "image"),
-            (br#"{"command": ["x"]}"#, "."),
+            (br#"{"command": ["x"]}"#, "image"),
             (br#"{"image": "b", "id": "a b"}"#, "id"),
             (br#"{"image": "b", "command": ["sh", "-c", 3]}"#, "command[2]"),
             (br#"{"image": "b", "env": {"A=B": "x"}}"#, "env.A=B"),
             (br#"{"image": "b", "limits": {"cpus": -1}}"#, "limits.cpus"),
             (br#"{"image": "b", "limits": {"pids": 0}}"#, "limits.pids"),
             (br#"{"image": "b", "workdir": "rel"}"#, "workdir"),
-            (br#"{"image": "b", "container": {"mode": "long_running"}}"#, "container"),
+            (br#"{"image": "b", "container": {"mode": "long_running"}}"#, "container.name"),
+            (br#"{"image": "b", "container": {"mode": "forever", "name": "n"}}"#, "container.mode"),
+            (br#"{"image": "b", "container": {"mode": "long_running", "name": "a/b"}}"#, "container.name"),
+            (br#"{"image": "b", "container": {"name": "n"}}"#, "container.name"),
+            (br#"{"container": {"target": "n", "restart": "always"}}"#, "container.target"),
+            (br#"{"image": "b", "container": {"mode": "long_running", "name": "n", "max_retries": 2}}"#, "container.max_retries"),
+            (br#"{"image": "b", "container": {"mode": "long_running", "name": "n", "restart": "sometimes"}}"#, "container.restart"),
             (br#"{"image": "b", "schema": 2}"#, "schema"),
             (br#"{"image": "b"} x"#, "."),
             (b"not json", "."),
@@ -283,6 +446,30 @@ mod tests {
         }
         let error = parse_task(br#"{"image": "b", "colour": 1}"#).unwrap_err();
         assert!(error.message.contains("unknown field `colour`"), "{error}");
+    }
+
+    #[test]
+    fn placements() {
+        let task = parse_task(br#"{"container": {"target": "db"}, "command": ["ls"]}"#).unwrap();
+        assert_eq!(task.placement(), Placement::Exec { target: "db".into() });
+        let task = parse_task(
+            br#"{"image": "b", "container": {"mode": "long_running", "name": "db", "restart": "on-failure", "max_retries": 2}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            task.placement(),
+            Placement::LongRunning { name: "db".into(), restart: RestartPolicy::OnFailure, max_retries: 2 }
+        );
+        let task =
+            parse_task(br#"{"image": "b", "container": {"mode": "long_running", "name": "db"}}"#).unwrap();
+        assert_eq!(
+            task.placement(),
+            Placement::LongRunning {
+                name: "db".into(),
+                restart: RestartPolicy::No,
+                max_retries: DEFAULT_MAX_RETRIES
+            }
+        );
     }
 
     #[test]
