@@ -11,6 +11,7 @@ mod events;
 mod images;
 mod isolation;
 mod limits;
+mod long_running;
 mod pipeline;
 mod pipeline_crash;
 mod pipeline_poison;

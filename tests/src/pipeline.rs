@@ -411,6 +411,31 @@ impl Agent {
         letters
     }
 
+    /// Publishes a task (JSON) on `subject` (e.g. `quilt.tasks.worker.<id>`,
+    /// a task routed to one worker) with `Nats-Msg-Id` = its `id`.
+    pub async fn submit_to(&self, subject: &str, task: &Value) -> String {
+        let id = task["id"].as_str().expect("tasks in tests carry an id").to_owned();
+        let publish = async_nats::jetstream::message::PublishMessage::build()
+            .payload(serde_json::to_vec(task).unwrap().into())
+            .message_id(&id);
+        let ack = self.jetstream.send_publish(subject.to_owned(), publish).await.unwrap();
+        ack.await.unwrap();
+        id
+    }
+
+    /// A control API request (JSON body) on `subject`; the JSON reply.
+    pub async fn request(&self, subject: &str, body: &Value) -> Value {
+        let body = match body {
+            Value::String(text) => text.clone().into_bytes(),
+            other => serde_json::to_vec(other).unwrap(),
+        };
+        let reply = tokio::time::timeout(BOUND, self.client.request(subject.to_owned(), body.into()))
+            .await
+            .unwrap_or_else(|_| panic!("no reply on {subject} within {BOUND:?}"))
+            .unwrap_or_else(|error| panic!("request {subject}: {error}"));
+        serde_json::from_slice(&reply.payload).unwrap()
+    }
+
     /// A plain (core NATS) subscription to every result subject: what an
     /// agent without JetStream sees.
     pub async fn subscribe_results(&self) -> async_nats::Subscriber {
@@ -434,4 +459,43 @@ pub async fn drain_results(subscriber: &mut async_nats::Subscriber, quiet: Durat
 /// A minimal task running `command` in busybox.
 pub fn task(id: &str, command: &[&str]) -> Value {
     serde_json::json!({ "id": id, "image": "busybox", "command": command })
+}
+
+/// Kills, when dropped, every process left in a cgroup of worker
+/// `worker_id` (long-running containers outlive their worker on purpose)
+/// and removes those cgroups: a failed test leaves nothing running. Their
+/// shims exit by themselves once their container's first process is dead.
+pub struct LongRunningGuard {
+    /// The worker whose containers are cleaned up.
+    pub worker_id: String,
+}
+
+impl Drop for LongRunningGuard {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let cgroups = containers_of(&self.worker_id);
+            if cgroups.is_empty() {
+                return;
+            }
+            for cgroup in &cgroups {
+                kill_cgroup_tree(cgroup);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn kill_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                kill_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|line| line.trim().parse::<i32>().ok()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let _ = std::fs::remove_dir(dir);
 }

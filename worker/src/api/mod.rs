@@ -55,9 +55,10 @@ pub enum ApiError {
     Start(#[source] async_nats::Error),
 }
 
-/// Starts the service on the worker's connection and answers requests
-/// until the connection closes (run it in a task of its own).
-pub async fn serve(view: WorkerView) -> Result<(), ApiError> {
+/// Starts the service on the worker's connection: returns once every
+/// endpoint is subscribed, with the task that answers requests until the
+/// connection closes.
+pub async fn serve(view: WorkerView) -> Result<tokio::task::JoinHandle<()>, ApiError> {
     use async_nats::service::ServiceExt;
     let worker_id = view.worker_id().to_owned();
     let service = view
@@ -78,17 +79,22 @@ pub async fn serve(view: WorkerView) -> Result<(), ApiError> {
         }
     }
     let mut requests = futures_util::stream::select_all(endpoints);
-    while let Some((verb, request)) = requests.next().await {
-        let view = view.clone();
-        tokio::spawn(async move {
-            let relayable = request.message.subject.starts_with(&subjects::api_prefix(subjects::API_ANY));
-            let reply = answer(&view, verb, &request.message.payload, relayable).await;
-            if let Err(error) = request.respond(Ok(reply.into())).await {
-                tracing::debug!(%error, verb, "control API reply not sent");
-            }
-        });
-    }
-    Ok(())
+    // Make sure the server has the subscriptions before anyone is told to ask.
+    view.client().flush().await.map_err(|error| ApiError::Start(error.into()))?;
+    Ok(tokio::spawn(async move {
+        // The service stays registered while this task runs.
+        let _service = service;
+        while let Some((verb, request)) = requests.next().await {
+            let view = view.clone();
+            tokio::spawn(async move {
+                let relayable = request.message.subject.starts_with(&subjects::api_prefix(subjects::API_ANY));
+                let reply = answer(&view, verb, &request.message.payload, relayable).await;
+                if let Err(error) = request.respond(Ok(reply.into())).await {
+                    tracing::debug!(%error, verb, "control API reply not sent");
+                }
+            });
+        }
+    }))
 }
 
 fn reply<T: serde::Serialize>(value: ApiReply<T>) -> Vec<u8> {

@@ -175,13 +175,11 @@ fn stop_on_signals() -> anyhow::Result<watch::Receiver<bool>> {
     Ok(receiver)
 }
 
-/// Serves the control API over the worker once it is ready.
-fn start_api(view: orchestrator::WorkerView) {
-    tokio::spawn(async move {
-        if let Err(error) = quilt::api::serve(view).await {
-            tracing::error!(%error, "the control API is not available");
-        }
-    });
+/// Serves the control API over the worker, subscribed before it says it is ready.
+async fn start_api(view: orchestrator::WorkerView) {
+    if let Err(error) = quilt::api::serve(view).await {
+        tracing::error!(%error, "the control API is not available");
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

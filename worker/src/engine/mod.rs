@@ -64,7 +64,7 @@ pub use spec::{
     Limits, MachineSize, NetworkMode, Rlimit, RootSpec, Scratch, SpecError, User, MAX_PIDS, MAX_TIMEOUT,
     MIN_MEMORY_BYTES,
 };
-pub use sys::set_parent_death_signal;
+pub use sys::{set_parent_death_signal, take_inherited_fd};
 
 use cgroup::{AttachHandle, CgroupController, CgroupError, CgroupLimits, CgroupRoot, ContainerCgroup};
 use child::{ChildDescriptors, ChildPlan, RootPaths, REPORT_SIZE};

@@ -466,3 +466,17 @@ pub(super) fn reap_pidfd(pidfd: RawFd) {
         Err(errno) => tracing::debug!(%errno, "reaping a shim"),
     }
 }
+
+/// Takes ownership of descriptor `fd` that a parent placed before exec (the
+/// shim's fds 3 to 5), after checking that it is open. Call it once per
+/// descriptor, before anything else in the process could own or close it.
+pub fn take_inherited_fd(fd: RawFd) -> std::io::Result<OwnedFd> {
+    // F_GETFD fails with EBADF on a closed descriptor.
+    // SAFETY: fcntl(F_GETFD) reads the descriptor's flags and touches no memory.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (checked above) and, per this
+    // function's contract, owned by nothing else in the process.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

@@ -374,16 +374,20 @@ pub async fn run(
     client: async_nats::Client,
     stop: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
-    run_with(config, client, stop, |_| {}).await
+    run_with(config, client, stop, |_| std::future::ready(())).await
 }
 
-/// [`run`], calling `on_ready` with a view of the worker once it takes tasks.
-pub async fn run_with(
+/// [`run`], awaiting `on_ready` with a view of the worker before it takes
+/// tasks (and says "worker ready"), e.g. to start the control API first.
+pub async fn run_with<Ready>(
     config: WorkerConfig,
     client: async_nats::Client,
     stop: watch::Receiver<bool>,
-    on_ready: impl FnOnce(WorkerView),
-) -> Result<(), WorkerError> {
+    on_ready: impl FnOnce(WorkerView) -> Ready,
+) -> Result<(), WorkerError>
+where
+    Ready: std::future::Future<Output = ()>,
+{
     let started = std::time::Instant::now();
     validate_worker_id(&config.worker_id)?;
     std::fs::create_dir_all(&config.data_dir)
@@ -469,7 +473,7 @@ pub async fn run_with(
         },
     )
     .await;
-    on_ready(WorkerView { shared: Arc::clone(&shared), started });
+    on_ready(WorkerView { shared: Arc::clone(&shared), started }).await;
     tracing::info!(worker = %shared.config.worker_id, concurrency = shared.config.concurrency, "worker ready");
 
     let advisories = tokio::spawn(run::watch_max_deliveries(Arc::clone(&shared)));
