@@ -61,6 +61,15 @@ pub(crate) struct WorkerArgs {
     /// Run without limits whose cgroup controller this host lacks (default: refuse such tasks).
     #[arg(long)]
     skip_unavailable_limits: bool,
+    /// The shim of long-running containers (default: `quilt-shim` next to this program).
+    #[arg(long, env = "QUILT_SHIM")]
+    shim: Option<std::path::PathBuf>,
+    /// Size at which a long-running container's log segment is rotated, e.g. 8M.
+    #[arg(long, default_value = "8M")]
+    log_segment_size: String,
+    /// Log segments kept per long-running container.
+    #[arg(long, default_value_t = 4)]
+    log_segments: u32,
 }
 
 #[derive(Args, Debug)]
@@ -149,6 +158,20 @@ fn worker_config(data_dir: &Path, args: WorkerArgs) -> anyhow::Result<WorkerConf
     if args.skip_unavailable_limits {
         config.unavailable_limits = UnavailableLimits::Skip;
     }
+    if let Some(shim) = args.shim {
+        config.long_running.shim = shim;
+    }
+    if !config.long_running.shim.is_file() {
+        anyhow::bail!(
+            "the shim of long-running containers, {}, is missing (build it with `cargo build --bin quilt-shim`, or give --shim)",
+            config.long_running.shim.display()
+        );
+    }
+    config.long_running.log_segment_bytes = size("log-segment-size", &args.log_segment_size)?.max(4096);
+    if args.log_segments == 0 {
+        anyhow::bail!("--log-segments must be at least 1");
+    }
+    config.long_running.log_segments = args.log_segments;
     // Test seam for the crash-recovery tests (see orchestrator's module doc).
     if let Ok(point) = std::env::var("QUILT_CRASH_AT") {
         config.crash_at = Some(point.parse::<CrashPoint>().map_err(anyhow::Error::msg)?);
