@@ -12,6 +12,7 @@ mod images;
 mod isolation;
 mod limits;
 mod long_running;
+mod long_running_engine;
 mod pipeline;
 mod pipeline_crash;
 mod pipeline_poison;

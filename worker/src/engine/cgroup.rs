@@ -1239,7 +1239,13 @@ fn collect_processes(dir: &Path, depth: u32, pids: &mut Vec<i32>) -> Result<(), 
     let path = dir.join("cgroup.procs");
     match fs::read_to_string(&path) {
         Ok(text) => pids.extend(parse_pids(&text)),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        // Removed meanwhile (a finished exec's or run's sub-cgroup): reading
+        // a file of a just-removed cgroup gives ENODEV.
+        Err(error)
+            if error.kind() == io::ErrorKind::NotFound || error.raw_os_error() == Some(libc::ENODEV) =>
+        {
+            return Ok(())
+        }
         Err(source) => return Err(CgroupError::ListProcesses { path, source }),
     }
     let Some(depth) = depth.checked_sub(1) else {
