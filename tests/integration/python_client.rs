@@ -1,6 +1,9 @@
-//! The Python example agent (deploy/examples/agent_client.py) against a real
-//! nats-server and `quilt worker`: it is run as a process, as a user would,
-//! and must print the live output, the summary, and exit with the task's code.
+//! The Python examples against a real nats-server and `quilt worker`, run as
+//! processes, as a user would: the agent (deploy/examples/agent_client.py)
+//! must print the live output, the summary, and exit with the task's code;
+//! the control API client (deploy/examples/control_client.py) lists, execs
+//! into, reads the log of, and removes a long-running container with plain
+//! nats-py requests.
 //!
 //! Needs a Python with nats-py, named by QUILT_EXAMPLES_PYTHON (.ci/run
 //! makes one in /opt/quilt-examples); without it the test fails, never skips.
@@ -32,8 +35,8 @@ fn python() -> PathBuf {
     python
 }
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/agent_client.py")
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples").join(name)
 }
 
 /// What one run of the example printed, and its exit code.
@@ -46,9 +49,13 @@ struct Run {
 /// Runs the example with `args` against `url`, killed (and the test failed)
 /// after [`BOUND`]. Output goes to files, so a full pipe cannot stall it.
 fn run_example(python: &Path, dir: &Path, name: &str, url: &str, args: &[&str]) -> Run {
+    run_script(python, "agent_client.py", dir, name, url, args)
+}
+
+fn run_script(python: &Path, file: &str, dir: &Path, name: &str, url: &str, args: &[&str]) -> Run {
     let (out_path, err_path) = (dir.join(format!("{name}.stdout")), dir.join(format!("{name}.stderr")));
     let mut child = Command::new(python)
-        .arg(script())
+        .arg(script(file))
         .args(args)
         .env("QUILT_NATS_URL", url)
         .stdin(Stdio::null())
@@ -65,14 +72,14 @@ fn run_example(python: &Path, dir: &Path, name: &str, url: &str, args: &[&str]) 
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "agent_client.py {args:?} still running after {BOUND:?}; stderr so far:\n{}",
+                "{file} {args:?} still running after {BOUND:?}; stderr so far:\n{}",
                 std::fs::read_to_string(&err_path).unwrap_or_default()
             );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     Run {
-        code: status.code().unwrap_or_else(|| panic!("agent_client.py {args:?} killed: {status}")),
+        code: status.code().unwrap_or_else(|| panic!("{file} {args:?} killed: {status}")),
         stdout: std::fs::read_to_string(&out_path).unwrap(),
         stderr: std::fs::read_to_string(&err_path).unwrap(),
     }
@@ -123,5 +130,49 @@ async fn the_python_example_streams_output_and_exits_with_the_task_code() {
 
     assert!(worker.terminate().success(), "{}", worker.log_text());
     assert_worker_left_nothing("py", &data);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_control_client_drives_a_long_running_container() {
+    let python = python();
+    let Setup { dir, broker, data } = Setup::new("python-control").await;
+    let _guard = quilt_tests::pipeline::LongRunningGuard { worker_id: "pyctl".into() };
+    let mut worker = Worker::start(&data, &broker.url, "pyctl", &[]);
+    let agent = Agent::connect(&broker.url).await;
+    let create = serde_json::json!({
+        "id": "py-create", "image": "busybox",
+        "command": ["sh", "-c", "echo first line; exec sleep 100000"],
+        "container": {"mode": "long_running", "name": "pybox"},
+    });
+    agent.submit(&create).await;
+    assert_eq!(agent.result("py-create", BOUND).await["status"], "succeeded");
+
+    let control = |name: &'static str, args: Vec<&'static str>| {
+        let (py, out, url) = (python.clone(), dir.path.clone(), broker.url.clone());
+        tokio::task::spawn_blocking(move || run_script(&py, "control_client.py", &out, name, &url, &args))
+    };
+    let list = control("list", vec!["list"]).await.unwrap();
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    let listed: serde_json::Value = serde_json::from_str(list.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (listed["name"].clone(), listed["status"].clone()),
+        (serde_json::json!("pybox"), serde_json::json!("running"))
+    );
+
+    let exec = control("exec", vec!["exec", "pybox", "--", "sh", "-c", "echo out; echo err >&2; exit 3"])
+        .await
+        .unwrap();
+    assert_eq!((exec.code, exec.stdout.as_str(), exec.stderr.as_str()), (3, "out\n", "err\n"));
+    let logs = control("logs", vec!["logs", "pybox", "--tail", "1"]).await.unwrap();
+    assert_eq!((logs.code, logs.stdout.as_str()), (0, "first line\n"), "{}", logs.stderr);
+    let missing = control("missing", vec!["exec", "nobox", "--", "true"]).await.unwrap();
+    assert_eq!(missing.code, 1, "{}", missing.stdout);
+    assert!(missing.stderr.contains("not_found"), "{}", missing.stderr);
+
+    let removed = control("rm", vec!["rm", "pybox", "--grace", "1"]).await.unwrap();
+    assert_eq!((removed.code, removed.stdout.trim()), (0, "\"pybox\""), "{}", removed.stderr);
+    assert!(worker.terminate().success(), "{}", worker.log_text());
+    assert_worker_left_nothing("pyctl", &data);
     broker.stop().await;
 }
