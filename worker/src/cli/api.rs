@@ -31,7 +31,7 @@ pub(crate) struct PsArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct InspectArgs {
-    /// The container's id.
+    /// The container's id, or a long-running container's name.
     id: String,
     #[command(flatten)]
     nats: NatsArgs,
@@ -100,10 +100,26 @@ pub(crate) fn ps(data_dir: &Path, args: PsArgs) -> anyhow::Result<u8> {
         if workers.is_empty() {
             eprintln!("quilt: no worker answered (is one running against this NATS?)");
         }
-        println!("{:<32} {:<34} {:<20} {:>8}", "CONTAINER", "TASK", "WORKER", "PID");
+        println!(
+            "{:<32} {:<16} {:<8} {:<34} {:<20} {:>8}",
+            "CONTAINER", "NAME", "STATUS", "TASK", "WORKER", "PID"
+        );
         for container in containers {
             let pid = container.pid.map_or_else(|| "-".to_owned(), |pid| pid.to_string());
-            println!("{:<32} {:<34} {:<20} {:>8}", container.id, container.task_id, container.worker_id, pid);
+            let status = match (container.status.as_str(), container.exit_code, container.signal) {
+                ("exited", Some(code), _) => format!("exited({code})"),
+                ("exited", None, Some(signal)) => format!("killed({signal})"),
+                (status, _, _) => status.to_owned(),
+            };
+            println!(
+                "{:<32} {:<16} {:<8} {:<34} {:<20} {:>8}",
+                container.id,
+                container.name.as_deref().unwrap_or("-"),
+                status,
+                container.task_id,
+                container.worker_id,
+                pid
+            );
         }
         Ok(0)
     })
@@ -112,13 +128,17 @@ pub(crate) fn ps(data_dir: &Path, args: PsArgs) -> anyhow::Result<u8> {
 pub(crate) fn inspect(data_dir: &Path, args: InspectArgs) -> anyhow::Result<u8> {
     runtime()?.block_on(async move {
         let client = args.nats.connect(data_dir).await?;
-        // Container ids start with their worker's id.
+        // Container ids start with their worker's id; a long-running
+        // container's name is resolved by whichever worker answers (it relays
+        // to the owner).
         let workers = discover(&client).await?;
         let owner = workers.iter().find(|worker| args.id.starts_with(&format!("{worker}.")));
-        let Some(owner) = owner else {
-            bail!("no running worker owns container {} (workers: {})", args.id, workers.join(", "));
+        let worker = match owner {
+            Some(owner) => owner.as_str(),
+            None if !workers.is_empty() => subjects::API_ANY,
+            None => bail!("no worker answered (is one running against this NATS?)"),
         };
-        match ask::<ContainerSummary>(&client, owner, "containers.inspect", &args.id).await? {
+        match ask::<ContainerSummary>(&client, worker, "containers.inspect", &args.id).await? {
             ApiReply::Ok(container) => {
                 println!("{}", serde_json::to_string_pretty(&container)?);
                 Ok(0)

@@ -374,6 +374,7 @@ async fn start_run(
     task: &Task,
     run: u32,
 ) -> Result<(), StartFailure> {
+    record(&shared.recorder, Event::LongRunningStarting { name: managed.name.clone(), run }).await;
     let result = start_run_inner(shared, managed, task, run).await;
     match &result {
         Ok(running) => {

@@ -192,9 +192,16 @@ impl Projection for WorkerState {
                     stopped: false,
                 });
             }
+            Event::LongRunningStarting { name, run } => {
+                if let Some(entry) = self.long_running.get_mut(name) {
+                    entry.run = entry.run.max(*run);
+                }
+            }
             Event::LongRunningStarted { name, identity, started_at_unix_ms } => {
                 if let Some(entry) = self.long_running.get_mut(name) {
-                    if identity.run > entry.run {
+                    let newer = entry.running.is_none_or(|running| running.run < identity.run)
+                        && entry.last_exit.is_none_or(|exit| exit.run < identity.run);
+                    if identity.run >= entry.run && newer {
                         entry.run = identity.run;
                         entry.running = Some(*identity);
                         entry.started_at_unix_ms = *started_at_unix_ms;
@@ -204,7 +211,8 @@ impl Projection for WorkerState {
             }
             Event::LongRunningStartFailed { name, run, at_unix_ms, .. } => {
                 if let Some(entry) = self.long_running.get_mut(name) {
-                    if *run > entry.run {
+                    let newer = entry.last_exit.is_none_or(|exit| exit.run < *run);
+                    if *run >= entry.run && newer {
                         entry.run = *run;
                         entry.started_at_unix_ms = *at_unix_ms;
                         entry.stopped = false;

@@ -130,6 +130,15 @@ pub enum Event {
         /// policy of every run.
         task: Box<Task>,
     },
+    /// A run of a long-running container is about to start: recorded first,
+    /// so that a crash before `long_running_started` never reuses the run's
+    /// number (the processes of such a run are killed when the next starts).
+    LongRunningStarting {
+        /// Its name.
+        name: String,
+        /// The run.
+        run: u32,
+    },
     /// A run of a long-running container started.
     LongRunningStarted {
         /// Its name.
@@ -207,6 +216,7 @@ impl Event {
             Event::TaskForwarded { .. } => "task_forwarded",
             Event::ContainerReaped { .. } => "container_reaped",
             Event::LongRunningCreated { .. } => "long_running_created",
+            Event::LongRunningStarting { .. } => "long_running_starting",
             Event::LongRunningStarted { .. } => "long_running_started",
             Event::LongRunningStartFailed { .. } => "long_running_start_failed",
             Event::LongRunningExited { .. } => "long_running_exited",
@@ -220,6 +230,7 @@ impl Event {
     pub fn task_id(&self) -> Option<&str> {
         match self {
             Event::WorkerStarted { .. }
+            | Event::LongRunningStarting { .. }
             | Event::LongRunningStarted { .. }
             | Event::LongRunningStartFailed { .. }
             | Event::LongRunningExited { .. }

@@ -265,3 +265,157 @@ fn the_fold_matches_the_model_over_random_histories() {
         assert_eq!(fold(&interleave(&mut rng, per_task)), state, "round {round}: order matters");
     }
 }
+
+/// A long-running container as compared: (run, running run, last ended run,
+/// its exit code, failures in a row, stopped).
+type LongView = (u32, Option<u32>, Option<u32>, Option<i32>, u32, bool);
+
+fn identity(run: u32) -> crate::engine::RunIdentity {
+    crate::engine::RunIdentity {
+        run,
+        init: crate::engine::ProcessIdentity { pid: 100 + run as i32, start_ticks: run as u64 },
+        shim: crate::engine::ProcessIdentity { pid: 200 + run as i32, start_ticks: run as u64 },
+    }
+}
+
+/// One container's history: runs that start (or fail to), end, get adopted
+/// or stopped, perhaps removed; cut short anywhere by a crash.
+fn container_history(rng: &mut Rng, name: &str) -> Vec<Event> {
+    let task = crate::protocol::parse_task(
+        format!(r#"{{"image": "b", "container": {{"mode": "long_running", "name": "{name}", "restart": "always"}}}}"#)
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut events = vec![Event::LongRunningCreated {
+        name: name.into(),
+        container_id: format!("w.{name}"),
+        task_id: format!("create-{name}"),
+        task: Box::new(task),
+    }];
+    let mut clock = 1_000;
+    for run in 1..=1 + rng.below(4) as u32 {
+        events.push(Event::LongRunningStarting { name: name.into(), run });
+        clock += 1 + rng.below(20_000);
+        if rng.below(5) == 0 {
+            events.push(Event::LongRunningStartFailed {
+                name: name.into(),
+                run,
+                error: ErrorInfo { kind: "setup".into(), message: "no".into() },
+                at_unix_ms: clock,
+            });
+            continue;
+        }
+        events.push(Event::LongRunningStarted {
+            name: name.into(),
+            identity: identity(run),
+            started_at_unix_ms: clock,
+        });
+        if rng.below(3) == 0 {
+            events.push(Event::LongRunningAdopted { name: name.into(), run });
+        }
+        if rng.below(4) == 0 {
+            events.push(Event::LongRunningStopped { name: name.into() });
+        }
+        clock += 1 + rng.below(20_000);
+        events.push(Event::LongRunningExited {
+            name: name.into(),
+            run,
+            exit_code: Some(rng.below(2) as i32),
+            signal: None,
+            lost: false,
+            exited_at_unix_ms: clock,
+        });
+    }
+    if rng.below(4) == 0 {
+        events.push(Event::LongRunningRemoved { name: name.into() });
+    }
+    let keep = 1 + rng.below(events.len() as u64 + 2).min(events.len() as u64 - 1) as usize;
+    events.truncate(keep);
+    events
+}
+
+/// The model of one container, from its own events in order.
+fn long_model(events: &[Event]) -> Option<LongView> {
+    let (mut run, mut running, mut ended, mut code, mut failures, mut stopped) =
+        (0, None, None, None, 0, false);
+    let mut exists = false;
+    for event in events {
+        match event {
+            Event::LongRunningCreated { .. } => exists = true,
+            Event::LongRunningStarting { run: r, .. } => run = run.max(*r),
+            Event::LongRunningStarted { identity, .. } => {
+                run = run.max(identity.run);
+                running = Some(identity.run);
+                stopped = false;
+            }
+            Event::LongRunningStartFailed { run: r, .. } => {
+                run = run.max(*r);
+                ended = Some(*r);
+                code = None;
+                failures += 1;
+                stopped = false;
+            }
+            Event::LongRunningExited { run: r, exit_code, .. } => {
+                running = None;
+                ended = Some(*r);
+                code = *exit_code;
+                failures = if *exit_code == Some(0) { 0 } else { failures + 1 };
+            }
+            Event::LongRunningStopped { .. } => stopped = true,
+            Event::LongRunningRemoved { .. } => exists = false,
+            _ => {}
+        }
+    }
+    exists.then_some((run, running, ended, code, failures, stopped))
+}
+
+fn long_view(state: &WorkerState) -> BTreeMap<String, LongView> {
+    state
+        .long_running
+        .iter()
+        .map(|(name, entry)| {
+            let exit = entry.last_exit;
+            (
+                name.clone(),
+                (
+                    entry.run,
+                    entry.running.map(|identity| identity.run),
+                    exit.map(|exit| exit.run),
+                    exit.and_then(|exit| exit.exit_code),
+                    entry.consecutive_failures,
+                    entry.stopped,
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn long_running_containers_fold_like_their_model_twice_and_from_snapshots() {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for round in 0..3000 {
+        let per_container: Vec<Vec<Event>> =
+            (0..1 + rng.below(4)).map(|index| container_history(&mut rng, &format!("c{index}"))).collect();
+        let expected: BTreeMap<String, LongView> = per_container
+            .iter()
+            .enumerate()
+            .filter_map(|(index, events)| long_model(events).map(|view| (format!("c{index}"), view)))
+            .collect();
+        let events = interleave(&mut rng, per_container.clone());
+        let state = fold(&events);
+        assert_eq!(long_view(&state), expected, "round {round}: {events:#?}");
+
+        let doubled: Vec<Event> = events.iter().flat_map(|event| [event.clone(), event.clone()]).collect();
+        assert_eq!(fold(&doubled), state, "round {round}: folding twice differs");
+
+        let cut = rng.below(events.len() as u64 + 1) as usize;
+        let snapshot = serde_json::to_vec(&fold(&events[..cut])).unwrap();
+        let mut resumed: WorkerState = serde_json::from_slice(&snapshot).unwrap();
+        for (seq, event) in events[cut..].iter().enumerate() {
+            resumed.apply((cut + seq) as u64 + 1, event);
+        }
+        assert_eq!(resumed, state, "round {round}: snapshot at {cut} differs");
+
+        assert_eq!(fold(&interleave(&mut rng, per_container)), state, "round {round}: order matters");
+    }
+}
