@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use quilt_tests::pipeline::{assert_worker_left_nothing, Agent, LongRunningGuard, Setup, Worker, BOUND};
+use quilt_tests::{quilt_binary, text};
 use serde_json::{json, Value};
 
 fn create_task(id: &str, name: &str, command: &[&str], restart: &str) -> Value {
@@ -123,7 +124,52 @@ async fn a_hundred_execs_at_once_into_one_container_keep_their_outputs_apart() {
         (json!("error"), json!("container_not_found"))
     );
 
+    // The CLI: exec with its exit code, logs by tail and followed.
+    let cli = |args: &[&str]| {
+        let mut command = std::process::Command::new(quilt_binary());
+        command.arg("--data-dir").arg(&data).arg(args[0]).args(["--nats", &broker.url]).args(&args[1..]);
+        command
+    };
+    let exec = cli(&["exec", "box"]).args(["--", "sh", "-c", "echo cli; exit 5"]).output().unwrap();
+    let raw = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    assert_eq!(
+        (exec.status.code(), raw(&exec.stdout)),
+        (Some(5), "cli\n".to_owned()),
+        "{}",
+        text(&exec.stderr)
+    );
+    let tail = cli(&["logs", "box", "--tail", "1"]).output().unwrap();
+    assert_eq!(raw(&tail.stdout), "up\n", "{}", text(&tail.stderr));
+    let mut follow = cli(&["logs", "box", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let write = exec_task("x-log", "box", &["sh", "-c", "echo followed line > /proc/1/fd/1"]);
+    agent.submit(&write).await;
+    assert_eq!(agent.result("x-log", BOUND).await["status"], "succeeded");
+    let mut stdout = follow.stdout.take().unwrap();
+    let seen = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("followed line\n") {
+            match stdout.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(read) => seen.extend_from_slice(&buffer[..read]),
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let seen = tokio::time::timeout(BOUND, seen).await.expect("followed within the bound").unwrap();
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert_eq!(seen, "up\nfollowed line\n");
+
     remove(&agent, "box").await;
+    let gone = cli(&["exec", "box", "--", "true"]).output().unwrap();
+    assert_eq!(gone.status.code(), Some(1), "{}", text(&gone.stderr));
+    assert!(text(&gone.stderr).contains("not_found"), "{}", text(&gone.stderr));
     assert!(worker.terminate().success());
     assert_worker_left_nothing("lrexec", &data);
     broker.stop().await;

@@ -27,6 +27,13 @@
 //! The container's first process is its pid 1: when it exits, the kernel
 //! kills everything else in the pid namespace, daemonised grandchildren
 //! included, so nothing outlives a container.
+//!
+//! Long-running containers ([`Engine::start_long_running`], see the
+//! `long_running` module) are started under a per-container shim so that
+//! they outlive the process that started them, and are found again with
+//! [`Engine::adopt`]; [`Engine::create_exec`] prepares a process that joins
+//! a running one's namespaces and a cgroup of its own inside its cgroup,
+//! and is then started, waited for and finished like any container.
 
 mod bundle;
 mod capabilities;

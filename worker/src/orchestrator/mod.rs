@@ -46,7 +46,12 @@
 //! naming) is reaped and `container_reaped` recorded; stored results not yet
 //! published are published; tasks held without a result are released (the
 //! server redelivers them). Ephemeral containers are not re-adopted: their
-//! output pipes died with the old process.
+//! output pipes died with the old process. Long-running containers are
+//! (see [`long_running`]): they keep running while the worker is down.
+//!
+//! Besides the shared consumer, each worker pulls from its own durable
+//! consumer on `quilt.tasks.worker.<id>`: tasks other workers forwarded to
+//! it because it owns their long-running container. Both share the slots.
 //!
 //! Shutdown: stop fetching, let running tasks finish within the grace
 //! period, then kill the rest and hand them back (NAK).
