@@ -55,7 +55,7 @@ use crate::protocol::{
     DEFAULT_MAX_RETRIES,
 };
 
-use super::run::{drive, engine_failure, error_info, failure_result, resolve_image_for, Failure};
+use super::run::{drive, engine_failure, error_info, final_failure, resolve_image_for, task_spec, Failure};
 use super::state::LongRunningEntry;
 use super::{note, plan, record, Shared};
 
@@ -217,14 +217,7 @@ pub(super) async fn create(
     payload: &bytes::Bytes,
 ) -> Result<TaskResult, Failure> {
     let reject = |kind: &str, message: String| {
-        Failure::Final(Box::new(failure_result(
-            shared,
-            task_id,
-            attempt,
-            TaskStatus::Rejected,
-            error_info(kind, message),
-            None,
-        )))
+        final_failure(shared, task_id, attempt, TaskStatus::Rejected, kind, message)
     };
     let wanted = fingerprint(task);
     let existing = shared.recorder.state().long_running.get(name).cloned();
@@ -527,14 +520,7 @@ pub(super) async fn exec(
     payload: &bytes::Bytes,
 ) -> Result<TaskResult, Failure> {
     let final_error = |kind: &str, message: String| {
-        Failure::Final(Box::new(failure_result(
-            shared,
-            task_id,
-            attempt,
-            TaskStatus::Error,
-            error_info(kind, message),
-            None,
-        )))
+        final_failure(shared, task_id, attempt, TaskStatus::Error, kind, message)
     };
     let entry = shared.recorder.state().long_running.get(target).cloned();
     let Some(entry) = entry else {
@@ -555,24 +541,7 @@ pub(super) async fn exec(
     let (image, layers, _lease) = resolve_image_for(shared, task_id, attempt, &exec_task.image).await?;
     let image_ms = image_started.elapsed().as_secs_f64() * 1e3;
     let exec_id = format!("exec-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let spec = plan::container_spec(
-        &exec_id,
-        &exec_task,
-        &image,
-        layers,
-        &shared.config.limits,
-        shared.config.allow_host_network,
-    )
-    .map_err(|error| {
-        Failure::Final(Box::new(failure_result(
-            shared,
-            task_id,
-            attempt,
-            TaskStatus::Rejected,
-            error_info("invalid_task", &error),
-            None,
-        )))
-    })?;
+    let spec = task_spec(shared, &exec_id, &exec_task, &image, layers, task_id, attempt)?;
     let container = shared
         .engine
         .create_exec(&running, spec)

@@ -513,24 +513,7 @@ async fn execute(
     let image_ms = elapsed_ms(image_started);
     let container_id =
         format!("{}.{}", shared.config.worker_id, &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let spec = plan::container_spec(
-        &container_id,
-        task,
-        &image,
-        layers,
-        &shared.config.limits,
-        shared.config.allow_host_network,
-    )
-    .map_err(|error| {
-        Failure::Final(Box::new(failure_result(
-            shared,
-            task_id,
-            attempt,
-            TaskStatus::Rejected,
-            error_info("invalid_task", &error),
-            None,
-        )))
-    })?;
+    let spec = task_spec(shared, &container_id, task, &image, layers, task_id, attempt)?;
     // Queued: a crash from here on is cleaned up by the start-up sweep of
     // every container named `<worker_id>.*`, recorded or not.
     note(
@@ -550,6 +533,47 @@ async fn execute(
     drop(lease);
     note(&shared.recorder, removed());
     result
+}
+
+/// A final answer that is not a container outcome: `status` with an error.
+pub(super) fn final_failure(
+    shared: &Shared,
+    task_id: &str,
+    attempt: u64,
+    status: TaskStatus,
+    kind: &str,
+    message: impl std::fmt::Display,
+) -> Failure {
+    Failure::Final(Box::new(failure_result(
+        shared,
+        task_id,
+        attempt,
+        status,
+        error_info(kind, message),
+        None,
+    )))
+}
+
+/// The spec of container `container_id` running `task` on `image`; a task
+/// the spec refuses is answered `rejected`.
+pub(super) fn task_spec(
+    shared: &Shared,
+    container_id: &str,
+    task: &Task,
+    image: &ImageRecord,
+    layers: Vec<std::path::PathBuf>,
+    task_id: &str,
+    attempt: u64,
+) -> Result<crate::engine::ContainerSpec, Failure> {
+    plan::container_spec(
+        container_id,
+        task,
+        image,
+        layers,
+        &shared.config.limits,
+        shared.config.allow_host_network,
+    )
+    .map_err(|error| final_failure(shared, task_id, attempt, TaskStatus::Rejected, "invalid_task", error))
 }
 
 /// Finds (or pulls) a task's image; failures become the task's answer.

@@ -104,7 +104,8 @@ pub struct ContainerOptions {
     #[serde(default)]
     pub mode: ContainerMode,
     /// `long_running`: the container's name, unique across the fleet: 1 to
-    /// 61 of `A-Z a-z 0-9 _ . -`, starting with a letter or digit.
+    /// 61 of `A-Z a-z 0-9 _ . -`, starting and ending with a letter or
+    /// digit, without `..`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// `long_running`: when its command ends, `no` (default), `on-failure`
@@ -176,15 +177,19 @@ pub enum Placement {
 /// Checks a long-running container's name (see [`ContainerOptions::name`]).
 pub fn validate_container_name(name: &str) -> Result<(), String> {
     let bytes = name.as_bytes();
+    // It is also a key of the KV bucket, which refuses a key that ends in
+    // a dot or holds an empty token.
     let ok = !bytes.is_empty()
         && bytes.len() <= 61
         && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        && !name.contains("..")
         && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
     if ok {
         Ok(())
     } else {
         Err(format!(
-            "{name:?} is not a container name: 1 to 61 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
+            "{name:?} is not a container name: 1 to 61 of A-Z a-z 0-9 _ . -, starting and ending with a letter or digit, no \"..\""
         ))
     }
 }
@@ -426,6 +431,8 @@ mod tests {
             (br#"{"image": "b", "container": {"mode": "long_running"}}"#, "container.name"),
             (br#"{"image": "b", "container": {"mode": "forever", "name": "n"}}"#, "container.mode"),
             (br#"{"image": "b", "container": {"mode": "long_running", "name": "a/b"}}"#, "container.name"),
+            (br#"{"image": "b", "container": {"mode": "long_running", "name": "db."}}"#, "container.name"),
+            (br#"{"image": "b", "container": {"mode": "long_running", "name": "a..b"}}"#, "container.name"),
             (br#"{"image": "b", "container": {"name": "n"}}"#, "container.name"),
             (br#"{"container": {"target": "n", "restart": "always"}}"#, "container.target"),
             (br#"{"image": "b", "container": {"mode": "long_running", "name": "n", "max_retries": 2}}"#, "container.max_retries"),
