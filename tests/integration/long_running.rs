@@ -436,8 +436,30 @@ async fn names_are_unique_across_workers_and_tasks_reach_the_owner() {
     let forget = agent.request("quilt.api.other.containers.forget", &json!({"name": "db"})).await;
     assert_eq!(forget["error"]["kind"], "bad_request", "{forget}");
 
-    remove(&agent, "db").await;
+    // The owner is gone for good: its name is forgotten and created elsewhere.
+    owner.kill9();
+    let forget = agent.request("quilt.api.other.containers.forget", &json!({"name": "db"})).await;
+    assert_eq!(forget["ok"], "db", "{forget}");
+    let moved = create_task("f-moved", "db", &["sh", "-c", "echo moved; exec sleep 100000"], "no");
+    agent.submit(&moved).await;
+    assert_eq!(agent.result("f-moved", BOUND).await["worker_id"], "other");
+    agent.submit(&exec_task("f-after", "db", &["echo", "here"])).await;
+    assert_eq!(agent.result("f-after", BOUND).await["worker_id"], "other");
+    // When the old owner comes back after all, its copy gives way.
+    owner.restart(&[]);
+    assert!(
+        owner.log_text().contains("now belongs to another worker; removing this copy"),
+        "{}",
+        owner.log_text()
+    );
+    let list = agent.request("quilt.api.owner.containers.list", &json!("")).await;
+    assert_eq!(list["ok"], json!([]), "{list}\n{}", owner.log_text());
     let registrations = agent.jetstream.get_key_value("quilt_containers").await.unwrap();
+    let registration: Value =
+        serde_json::from_slice(&registrations.get("db").await.unwrap().unwrap()).unwrap();
+    assert_eq!(registration["worker_id"], "other");
+
+    remove(&agent, "db").await;
     assert_eq!(registrations.get("db").await.unwrap(), None, "the name is free again");
     assert!(other.terminate().success());
     assert!(owner.terminate().success());

@@ -17,10 +17,12 @@
 //! durable consumer (they are not lost, and run if it comes back with its
 //! data directory). An operator who retires that worker for good removes
 //! its registrations with `quilt rm --forget N` (control API
-//! `containers.forget`), after which N can be created elsewhere; tasks
-//! still queued for the old owner stay in the stream until it returns or
-//! they age out. Quilt never moves a container by itself: its files and
-//! processes live on the owner's host.
+//! `containers.forget`, refused while the owner answers), after which N can
+//! be created elsewhere; tasks still queued for the old owner stay in the
+//! stream until it returns or they age out. Quilt never moves a container
+//! by itself: its files and processes live on the owner's host. If the old
+//! owner does come back, it checks each name at start: one now registered
+//! to another worker is removed here; one nobody took is registered again.
 //!
 //! Runs: the task that creates N ends once N's command has started (status
 //! `succeeded`, no exit code). A supervisor task per container then waits
@@ -806,12 +808,70 @@ pub(crate) async fn adopt_all(shared: &Arc<Shared>) {
                 }
             }
         }
+        if !still_ours(shared, &name, &entry).await {
+            // The supervisor records the end of the run that the stop kills.
+            ensure_supervisor(shared, &managed);
+            let _operation = managed.operation.lock().await;
+            if let Err(error) = stop_locked(shared, &managed, Duration::ZERO).await {
+                tracing::warn!(container = %name, %error, "stopping a container whose name went to another worker");
+            }
+            // Removed even if the stop said otherwise: removal kills again.
+            if let Err(error) = remove_now(shared, &managed).await {
+                tracing::warn!(container = %name, %error, "cannot remove a container whose name went to another worker");
+            }
+            continue;
+        }
         // The image stays leased while the container exists.
         if let Ok((_, _, lease)) = resolve_image_for(shared, &name, 0, &entry.task.image).await {
             *managed.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
         }
         if !entry.stopped {
             ensure_supervisor(shared, &managed);
+        }
+    }
+}
+
+/// Whether container `name` is still this worker's at start-up. A name
+/// whose registration is gone (forgotten while this worker was away, and
+/// not taken) is registered again. A name registered to another worker was
+/// forgotten (`containers.forget`: this worker was declared gone for good)
+/// and created there: this copy is removed. When the bucket cannot be read
+/// the container is kept.
+async fn still_ours(shared: &Shared, name: &str, entry: &LongRunningEntry) -> bool {
+    let owner = match registration_of(shared, name).await {
+        Ok(owner) => owner,
+        Err(error) => {
+            tracing::warn!(container = %name, error = %error.message, "cannot check the name's registration; keeping the container");
+            return true;
+        }
+    };
+    match owner {
+        Some(owner) if owner.worker_id == shared.config.worker_id => true,
+        Some(owner) => {
+            tracing::warn!(container = %name, owner = %owner.worker_id, "this container's name was forgotten and now belongs to another worker; removing this copy");
+            false
+        }
+        None => {
+            let registration = ContainerRegistration {
+                worker_id: shared.config.worker_id.clone(),
+                container_id: entry.container_id.clone(),
+                fingerprint: fingerprint(&entry.task),
+            };
+            let value = bytes::Bytes::from(serde_json::to_vec(&registration).unwrap_or_default());
+            match shared.jetstream.containers.create(name, value).await {
+                Ok(_) => {
+                    tracing::info!(container = %name, "registered a container whose registration was gone");
+                    true
+                }
+                // Taken between the read and the create: by another worker.
+                Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
+                    Box::pin(still_ours(shared, name, entry)).await
+                }
+                Err(error) => {
+                    tracing::warn!(container = %name, %error, "cannot register the container again; keeping it");
+                    true
+                }
+            }
         }
     }
 }
