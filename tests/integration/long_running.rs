@@ -166,6 +166,14 @@ async fn a_hundred_execs_at_once_into_one_container_keep_their_outputs_apart() {
     let _ = follow.wait();
     assert_eq!(seen, "up\nfollowed line\n");
 
+    // `sleep` as pid 1 ignores SIGTERM: the stop waits out its grace period,
+    // longer than a NATS client's default request timeout, and still answers.
+    let started = Instant::now();
+    let stop = cli(&["stop", "box", "--grace", "11"]).output().unwrap();
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    assert!(started.elapsed() >= Duration::from_secs(11), "{:?}", started.elapsed());
+    assert!(raw(&stop.stdout).contains("\"status\": \"stopped\""), "{}", raw(&stop.stdout));
+
     remove(&agent, "box").await;
     let gone = cli(&["exec", "box", "--", "true"]).output().unwrap();
     assert_eq!(gone.status.code(), Some(1), "{}", text(&gone.stderr));

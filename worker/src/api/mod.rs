@@ -44,6 +44,10 @@ pub const VERBS: [&str; 10] = [
     "health",
 ];
 
+/// How long a relayed request may take: the longest exec (an hour) and
+/// then some. The asking client sets its own, shorter, limit.
+const RELAY_TIMEOUT_S: u64 = 3700;
+
 /// Most log bytes one `containers.logs` reply carries.
 pub const MAX_LOG_BYTES: usize = 256 * 1024;
 
@@ -177,10 +181,14 @@ async fn relay(view: &WorkerView, name: &str, verb: &str, payload: &[u8]) -> Opt
     if owner.worker_id == view.worker_id() {
         return None;
     }
-    let request = view.client().request(subjects::api(&owner.worker_id, verb), payload.to_vec().into());
-    match tokio::time::timeout(std::time::Duration::from_secs(120), request).await {
-        Ok(Ok(message)) => Some(message.payload.to_vec()),
-        _ => Some(reply(error(
+    // As long as the slowest verb may take (an exec's timeout, a stop's
+    // grace period), not the client's default of 10 s.
+    let request = async_nats::Request::new()
+        .payload(payload.to_vec().into())
+        .timeout(Some(std::time::Duration::from_secs(RELAY_TIMEOUT_S)));
+    match view.client().send_request(subjects::api(&owner.worker_id, verb), request).await {
+        Ok(message) => Some(message.payload.to_vec()),
+        Err(_) => Some(reply(error(
             "unavailable",
             format!("container {name:?} belongs to worker {}, which did not answer", owner.worker_id),
         ))),

@@ -223,11 +223,13 @@ async fn ask_any<T: serde::de::DeserializeOwned>(
     timeout: Duration,
 ) -> anyhow::Result<ApiReply<T>> {
     let body = serde_json::to_vec(request)?;
-    let reply =
-        tokio::time::timeout(timeout, client.request(subjects::api(subjects::API_ANY, verb), body.into()))
-            .await
-            .with_context(|| format!("no worker answered {verb} in time"))?
-            .with_context(|| format!("asking for {verb} (is a worker running against this NATS?)"))?;
+    // The client's own request timeout (10 s by default) would cut a stop's
+    // grace period short: this one waits as long as the verb may take.
+    let request = async_nats::Request::new().payload(body.into()).timeout(Some(timeout));
+    let reply = client
+        .send_request(subjects::api(subjects::API_ANY, verb), request)
+        .await
+        .with_context(|| format!("asking for {verb} (is a worker running against this NATS?)"))?;
     serde_json::from_slice(&reply.payload).with_context(|| format!("the {verb} reply does not parse"))
 }
 
