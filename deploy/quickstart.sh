@@ -60,5 +60,7 @@ cat >&2 <<MSG
    send a task from another terminal:
      $PWD/$quilt run --image busybox -- echo hello
      $PWD/$quilt run --image busybox --json -- sh -c 'echo out; exit 3'
+   to start it again later without this script:
+     QUILT_NATS_SERVER=$QUILT_NATS_SERVER QUILT_DATA_DIR=$data_dir $PWD/$quilt up
 MSG
 exec "$quilt" up "$@"

