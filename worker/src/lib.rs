@@ -6,6 +6,7 @@
 //! over it. Components (see DESIGN.md in the project's shared docs):
 //!
 //! - [`engine`]: containers: namespaces, cgroups, rootfs, process spawn, wait, kill.
+//! - [`env`]: language environments: packages built once into a layer, cached by content.
 //! - [`image`]: the OCI content store, registry pull, image import, layer unpacking.
 //! - [`events`]: the durable event log (redb, group commit), projections, snapshots.
 //! - [`broker`]: the embedded nats-server (config, start, supervision, stop), NATS
@@ -22,6 +23,7 @@
 pub mod api;
 pub mod broker;
 pub mod engine;
+pub mod env;
 pub mod events;
 pub mod image;
 pub mod orchestrator;

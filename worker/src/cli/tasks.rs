@@ -182,6 +182,7 @@ pub(crate) fn task_from_flags(args: &RunArgs) -> anyhow::Result<Task> {
             max_retries: args.max_retries,
             target: args.target.clone(),
         },
+        environment: None,
     };
     // The same checks the worker makes, so a mistake is caught here.
     let json = serde_json::to_vec(&task)?;

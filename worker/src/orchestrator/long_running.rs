@@ -108,6 +108,7 @@ fn fingerprint(task: &Task) -> String {
         "network": task.network,
         "restart": task.container.restart,
         "max_retries": task.container.max_retries,
+        "environment": task.environment.as_ref().and_then(|environment| environment.normalize().ok()),
     });
     let digest = sha2::Sha256::digest(defining.to_string().as_bytes());
     digest.iter().map(|byte| format!("{byte:02x}")).collect()
@@ -127,6 +128,8 @@ pub(crate) struct Managed {
     run: Mutex<Option<Arc<LongRunning>>>,
     /// The image's layers stay leased while the container exists.
     lease: Mutex<Option<Lease>>,
+    /// And its environment's layer, if it has one.
+    env_lease: Mutex<Option<crate::env::EnvLease>>,
     /// Serialises start, stop and remove of this container.
     operation: tokio::sync::Mutex<()>,
     /// True while a stop or remove is under way: no restart.
@@ -143,6 +146,7 @@ impl Managed {
             container_id: container_id.to_owned(),
             run: Mutex::new(None),
             lease: Mutex::new(None),
+            env_lease: Mutex::new(None),
             operation: tokio::sync::Mutex::new(()),
             halt: watch::Sender::new(false),
             ends: watch::Sender::new(0),
@@ -420,6 +424,12 @@ async fn start_run_inner(
         shared.config.allow_host_network,
     )
     .map_err(|error| StartFailure::Task(Failure::Retry(error_info("invalid_task", error))))?;
+    let prepared = super::environment::prepare(shared, task, &task_id, 0, &image, &spec.root.layers)
+        .await
+        .map_err(StartFailure::Task)?;
+    if let Some(prepared) = &prepared {
+        prepared.apply(task, &mut spec);
+    }
     spec.root.scratch = crate::engine::Scratch::Disk;
     // A long-running container has no wall-clock limit; its execs do.
     spec.limits.timeout = None;
@@ -430,6 +440,7 @@ async fn start_run_inner(
         .await
         .map_err(StartFailure::Engine)?;
     *managed.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
+    *managed.env_lease.lock().unwrap_or_else(|e| e.into_inner()) = prepared.map(|prepared| prepared.lease);
     Ok(running)
 }
 
@@ -574,6 +585,7 @@ pub(crate) async fn exec_request(
             target: Some(request.name.clone()),
             ..Default::default()
         },
+        environment: None,
     };
     let payload = bytes::Bytes::from(serde_json::to_vec(&task).unwrap_or_default());
     let task = crate::protocol::parse_task(&payload)
@@ -821,9 +833,17 @@ pub(crate) async fn adopt_all(shared: &Arc<Shared>) {
             }
             continue;
         }
-        // The image stays leased while the container exists.
-        if let Ok((_, _, lease)) = resolve_image_for(shared, &name, 0, &entry.task.image).await {
+        // The image, and its environment's layer, stay leased while the
+        // container exists (eviction must not take a layer it is built on).
+        if let Ok((image, _, lease)) = resolve_image_for(shared, &name, 0, &entry.task.image).await {
             *managed.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
+            let normal = entry.task.environment.as_ref().and_then(|environment| environment.normalize().ok());
+            if let Some(normal) = normal.filter(|normal| !normal.is_empty()) {
+                let key = crate::env::key(&image.manifest_digest, &normal);
+                if let Ok(Some((_, env_lease))) = shared.environments.lease(&key) {
+                    *managed.env_lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(env_lease);
+                }
+            }
         }
         if !entry.stopped {
             ensure_supervisor(shared, &managed);

@@ -59,6 +59,7 @@
 //! Test seam: `WorkerConfig::crash_at` names a point at which the process
 //! SIGKILLs itself (see [`CrashPoint`]), for the crash-recovery tests.
 
+mod environment;
 pub mod long_running;
 mod plan;
 mod recorder;
@@ -78,6 +79,7 @@ use crate::events::{rebuild, EventLog, EventLogError};
 use crate::image::{ImageError, ImageStore, PullOptions};
 use crate::protocol::{ContainerSummary, Event, ImageSummary, WorkerInfo};
 
+pub use environment::EnvironmentConfig;
 pub use plan::TaskLimitsPolicy;
 use recorder::Recorder;
 use state::WorkerState;
@@ -144,6 +146,8 @@ pub struct WorkerConfig {
     pub crash_at: Option<CrashPoint>,
     /// Long-running containers: the shim program, log rotation.
     pub long_running: LongRunningConfig,
+    /// Language environments: store budget, build timeout, CA bundle.
+    pub environments: EnvironmentConfig,
 }
 
 /// Where `quilt-shim` is by default: next to the running executable.
@@ -174,6 +178,7 @@ impl WorkerConfig {
                 log_segment_bytes: 8 << 20,
                 log_segments: 4,
             },
+            environments: EnvironmentConfig::default(),
         }
     }
 }
@@ -196,6 +201,9 @@ pub enum WorkerError {
     /// Setting up JetStream.
     #[error("JetStream set-up")]
     Setup(#[source] SetupError),
+    /// Opening the environment store.
+    #[error("environment store")]
+    Environments(#[source] crate::env::EnvError),
     /// A blocking task panicked.
     #[error("internal task failed: {0}")]
     Join(String),
@@ -210,6 +218,7 @@ impl WorkerError {
             WorkerError::Engine(_) => "engine",
             WorkerError::Images(_) => "images",
             WorkerError::Setup(_) => "setup",
+            WorkerError::Environments(_) => "environments",
             WorkerError::Join(_) => "internal",
         }
     }
@@ -247,6 +256,8 @@ pub(crate) struct Shared {
     pub(crate) in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Long-running containers this process manages, by name.
     pub(crate) long_running: long_running::LongRunningSet,
+    /// Built language environments.
+    pub(crate) environments: crate::env::EnvStore,
 }
 
 /// Read-only access to a running worker, for the control API (which
@@ -414,6 +425,7 @@ where
     })
     .map_err(WorkerError::Engine)?;
     let images = Arc::new(ImageStore::open(&config.data_dir).map_err(WorkerError::Images)?);
+    let environments = crate::env::EnvStore::open(&config.data_dir).map_err(WorkerError::Environments)?;
 
     // Mirror from the first event on: the reconciliation below
     // (`container_reaped`) is what an operator most wants to see.
@@ -450,6 +462,7 @@ where
         abandoning: watch::Sender::new(false),
         in_flight: std::sync::Mutex::default(),
         long_running: long_running::LongRunningSet::default(),
+        environments,
     });
     run::settle_held_tasks(&shared).await;
     long_running::adopt_all(&shared).await;

@@ -248,7 +248,7 @@ pub(crate) async fn handle_delivery(shared: &Arc<Shared>, message: Message) {
     };
     if let Some(result) = finished {
         let result = fit_result(result, shared.max_payload);
-        record(&shared.recorder, Event::ResultStored { result: result.clone() }).await;
+        record(&shared.recorder, Event::ResultStored { result: Box::new(result.clone()) }).await;
         crash_if(shared, CrashPoint::AfterStored).await;
         if publish_and_record(shared, &result).await {
             crash_if(shared, CrashPoint::BeforeAck).await;
@@ -511,9 +511,13 @@ async fn execute(
     let image_started = Instant::now();
     let (image, layers, lease) = resolve_image_for(shared, task_id, attempt, &task.image).await?;
     let image_ms = elapsed_ms(image_started);
+    let prepared = super::environment::prepare(shared, task, task_id, attempt, &image, &layers).await?;
     let container_id =
         format!("{}.{}", shared.config.worker_id, &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let spec = task_spec(shared, &container_id, task, &image, layers, task_id, attempt)?;
+    let mut spec = task_spec(shared, &container_id, task, &image, layers, task_id, attempt)?;
+    if let Some(prepared) = &prepared {
+        prepared.apply(task, &mut spec);
+    }
     // Queued: a crash from here on is cleaned up by the start-up sweep of
     // every container named `<worker_id>.*`, recorded or not.
     note(
@@ -529,8 +533,15 @@ async fn execute(
             return Err(engine_failure(shared, task_id, attempt, &error, &container_id));
         }
     };
-    let result = drive(shared, task_id, attempt, container, image_ms, true).await;
+    let mut result = drive(shared, task_id, attempt, container, image_ms, true).await;
     drop(lease);
+    if let Some(prepared) = prepared {
+        match &mut result {
+            Ok(result) => result.environment = Some(prepared.report),
+            Err(Failure::Final(result)) => result.environment = Some(prepared.report),
+            Err(_) => {}
+        }
+    }
     note(&shared.recorder, removed());
     result
 }
@@ -741,6 +752,7 @@ fn outcome_result(
         },
         error: None,
         attempt,
+        environment: None,
     }
 }
 
@@ -987,7 +999,7 @@ pub(crate) async fn watch_max_deliveries(shared: Arc<Shared>) {
         publish_dead_letter(&shared, letter).await;
         let result =
             failure_result(&shared, &task_id, advisory.deliveries, TaskStatus::Error, error.clone(), None);
-        record(&shared.recorder, Event::ResultStored { result: result.clone() }).await;
+        record(&shared.recorder, Event::ResultStored { result: Box::new(result.clone()) }).await;
         if publish_and_record(&shared, &result).await {
             let _ = shared.jetstream.tasks.delete_message(advisory.stream_seq).await;
             record(&shared.recorder, Event::DeadLettered { task_id, attempts: advisory.deliveries, error })

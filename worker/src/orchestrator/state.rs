@@ -167,7 +167,7 @@ impl Projection for WorkerState {
                 // The first stored result is the one published; a second
                 // (which the worker never appends) would not replace it.
                 if entry.result.is_none() {
-                    entry.result = Some(result.clone());
+                    entry.result = Some((**result).clone());
                 }
             }
             Event::ResultPublished { task_id, .. } => self.task(task_id).published = true,

@@ -58,7 +58,7 @@ pub enum Event {
     /// never recomputed.
     ResultStored {
         /// The result.
-        result: TaskResult,
+        result: Box<TaskResult>,
     },
     /// The result is in `QUILT_RESULTS` (the server acknowledged it).
     ResultPublished {

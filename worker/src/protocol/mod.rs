@@ -12,6 +12,7 @@
 //! log; the subjects the messages travel on are in `broker::subjects`.
 
 mod api;
+mod environment;
 mod event;
 mod result;
 mod task;
@@ -20,10 +21,14 @@ pub use api::{
     ApiReply, ContainerRegistration, ContainerRequest, ContainerSummary, ImageSummary, LogChunkReply,
     WorkerInfo,
 };
+pub use environment::{
+    check_apk, check_apt, check_npm, check_pip, Environment, NormalizedEnvironment, Runtime,
+    MAX_MANIFEST_BYTES, MAX_PACKAGES,
+};
 pub use event::{Event, EventMessage};
 pub use result::{
-    DeadLetter, ErrorInfo, OutputChunk, OutputStream, ResultTimings, ResultUsage, TaskResult, TaskStatus,
-    Truncated,
+    CacheOutcome, DeadLetter, EnvironmentReport, ErrorInfo, OutputChunk, OutputStream, ResultTimings,
+    ResultUsage, TaskResult, TaskStatus, Truncated,
 };
 pub use task::{
     parse_task, task_id_from_bytes, validate_container_name, validate_task_id, ContainerMode,

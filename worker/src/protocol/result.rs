@@ -113,6 +113,34 @@ pub struct TaskResult {
     pub error: Option<ErrorInfo>,
     /// Which delivery of the task produced this result (1 = the first).
     pub attempt: u64,
+    /// For a task with an `environment`: whether its layer was built for
+    /// it or found built, and how long the build took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<EnvironmentReport>,
+}
+
+/// How a task's environment was had.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentReport {
+    /// The environment's key: sha256 of the base image's manifest digest
+    /// and the normalised spec.
+    pub key: String,
+    /// `hit`: it was built already; `miss`: this task built it.
+    pub cache: CacheOutcome,
+    /// Build time in milliseconds (0 on a hit), or waiting for another
+    /// task's build of the same environment.
+    pub build_ms: f64,
+}
+
+/// Found, or built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheOutcome {
+    /// Built before.
+    Hit,
+    /// Built now.
+    Miss,
 }
 
 impl TaskResult {
@@ -141,6 +169,7 @@ impl TaskResult {
             usage: ResultUsage::default(),
             error,
             attempt,
+            environment: None,
         }
     }
 }

@@ -62,6 +62,10 @@ pub struct Task {
     /// (`{"target": "n"}`).
     #[serde(default)]
     pub container: ContainerOptions,
+    /// Packages the task needs on top of its image (apt or apk, pip, npm,
+    /// a runtime): built once into an environment layer, cached by content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<super::environment::Environment>,
 }
 
 /// A task's resource limits. All optional.
@@ -246,6 +250,9 @@ impl Task {
             validate_task_id(id)?;
         }
         self.check_container()?;
+        if let Some(environment) = &self.environment {
+            environment.normalize()?;
+        }
         let exec = self.container.target.is_some();
         if (self.image.is_empty() && !exec)
             || self.image.len() > 1024
@@ -318,6 +325,12 @@ impl Task {
         let options = &self.container;
         if let Some(target) = &options.target {
             validate_container_name(target).map_err(|message| TaskError::new("container.target", message))?;
+            if self.environment.is_some() {
+                return Err(TaskError::new(
+                    "environment",
+                    "a command run in an existing container (container.target) uses that container's environment",
+                ));
+            }
             if options.mode != ContainerMode::Ephemeral
                 || options.name.is_some()
                 || options.restart.is_some()

@@ -46,6 +46,7 @@ fn result(task: &str, attempt: u64) -> TaskResult {
         usage: ResultUsage::default(),
         error: None,
         attempt,
+        environment: None,
     }
 }
 
@@ -56,7 +57,7 @@ fn delivery(rng: &mut Rng, task: &str, attempt: u64, seq: u64) -> Vec<Event> {
     match rng.below(4) {
         // Rejected before a container: result, publish, ack.
         0 => {
-            events.push(Event::ResultStored { result: result(task, attempt) });
+            events.push(Event::ResultStored { result: Box::new(result(task, attempt)) });
             events.push(Event::ResultPublished {
                 task_id: task.into(),
                 result_seq: Some(seq),
@@ -72,7 +73,7 @@ fn delivery(rng: &mut Rng, task: &str, attempt: u64, seq: u64) -> Vec<Event> {
         }
         // Dead-lettered on its last delivery.
         2 => {
-            events.push(Event::ResultStored { result: result(task, attempt) });
+            events.push(Event::ResultStored { result: Box::new(result(task, attempt)) });
             events.push(Event::DeadLettered {
                 task_id: task.into(),
                 attempts: attempt,
@@ -88,7 +89,7 @@ fn delivery(rng: &mut Rng, task: &str, attempt: u64, seq: u64) -> Vec<Event> {
                 pid: 7,
             });
             events.push(Event::ContainerRemoved { task_id: task.into(), container_id: container });
-            events.push(Event::ResultStored { result: result(task, attempt) });
+            events.push(Event::ResultStored { result: Box::new(result(task, attempt)) });
             if rng.below(4) == 0 {
                 events.push(Event::ResultDiscarded { task_id: task.into(), reason: "lost lease".into() });
             } else {
