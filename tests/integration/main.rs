@@ -7,6 +7,7 @@ mod bundle;
 mod cgroup_v2;
 mod control_api;
 mod debian;
+mod environments;
 mod events;
 mod images;
 mod isolation;

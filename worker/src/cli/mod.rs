@@ -2,6 +2,7 @@
 //! sets up logging and hands off to one module per verb.
 
 mod api;
+mod env;
 mod image;
 mod nats;
 mod run;
@@ -63,6 +64,9 @@ pub(crate) enum Command {
     /// Manage the local image store.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// The local store of built language environments.
+    #[command(subcommand)]
+    Env(env::EnvCommand),
 }
 
 /// Parse, run, map the result to an exit code.
@@ -87,6 +91,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Logs(args) => api::logs(&cli.data_dir, args),
         Command::Schema(args) => schema::run(args),
         Command::Image(command) => image::run(&cli.data_dir, command),
+        Command::Env(command) => env::run(&cli.data_dir, command),
     };
     match result {
         Ok(code) => ExitCode::from(code),

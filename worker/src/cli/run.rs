@@ -98,6 +98,27 @@ pub(crate) struct RunArgs {
     /// Through NATS: run the command inside this running long-running container.
     #[arg(long, conflicts_with_all = ["local", "image"])]
     pub(crate) target: Option<String>,
+    /// Through NATS: a package the command needs, from the image's apt (repeatable).
+    #[arg(long, value_name = "PACKAGE")]
+    pub(crate) apt: Vec<String>,
+    /// Through NATS: a package from the image's apk (Alpine; repeatable).
+    #[arg(long, value_name = "PACKAGE")]
+    pub(crate) apk: Vec<String>,
+    /// Through NATS: a Python requirement, installed into a venv (repeatable).
+    #[arg(long, value_name = "REQUIREMENT")]
+    pub(crate) pip: Vec<String>,
+    /// Through NATS: an npm package (repeatable).
+    #[arg(long, value_name = "PACKAGE")]
+    pub(crate) npm: Vec<String>,
+    /// Through NATS: python3 or node, from the image's package manager.
+    #[arg(long)]
+    pub(crate) runtime: Option<String>,
+    /// Through NATS: a requirements.txt whose requirements are installed.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) requirements: Option<PathBuf>,
+    /// Through NATS: a package.json whose dependencies are installed.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) package_json: Option<PathBuf>,
     /// Print the full outcome as JSON (with the captured output) instead of streaming output.
     #[arg(long)]
     pub(crate) json: bool,
@@ -111,6 +132,16 @@ pub(crate) struct RunArgs {
 pub(crate) fn run(data_dir: &Path, args: RunArgs) -> anyhow::Result<u8> {
     if !args.local {
         return super::tasks::run_remote(data_dir, args);
+    }
+    let wants_environment =
+        !(args.apt.is_empty() && args.apk.is_empty() && args.pip.is_empty() && args.npm.is_empty())
+            || args.runtime.is_some()
+            || args.requirements.is_some()
+            || args.package_json.is_some();
+    if wants_environment {
+        anyhow::bail!(
+            "language environments are built by a worker: run without --local (through `quilt up`)"
+        );
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -14,8 +14,8 @@ use futures_util::StreamExt;
 use quilt::broker::{self, subjects};
 use quilt::engine::{parse_cpus, parse_duration, parse_size};
 use quilt::protocol::{
-    parse_task, validate_task_id, ContainerMode, ContainerOptions, EventMessage, Network, OutputChunk,
-    OutputStream, RestartPolicy, Task, TaskLimits, TaskResult, TaskStatus,
+    parse_task, validate_task_id, ContainerMode, ContainerOptions, Environment, EventMessage, Network,
+    OutputChunk, OutputStream, RestartPolicy, Runtime, Task, TaskLimits, TaskResult, TaskStatus,
 };
 
 use super::nats::{next_result, publish_task, result_stream, NatsArgs};
@@ -66,6 +66,33 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// A task from `quilt run`'s flags.
+/// The task's `environment` from --apt, --apk, --pip, --npm, --runtime,
+/// --requirements and --package-json; `None` when none is given.
+fn environment_from_flags(args: &RunArgs) -> anyhow::Result<Option<Environment>> {
+    let read = |path: &Option<PathBuf>, flag: &str| -> anyhow::Result<Option<String>> {
+        path.as_ref()
+            .map(|path| {
+                std::fs::read_to_string(path).with_context(|| format!("reading --{flag} {}", path.display()))
+            })
+            .transpose()
+    };
+    let environment = Environment {
+        runtime: match args.runtime.as_deref() {
+            None => None,
+            Some("python3") => Some(Runtime::Python3),
+            Some("node") => Some(Runtime::Node),
+            Some(other) => bail!("invalid --runtime {other:?}: use python3 or node"),
+        },
+        apt: args.apt.clone(),
+        apk: args.apk.clone(),
+        pip: args.pip.clone(),
+        npm: args.npm.clone(),
+        requirements_txt: read(&args.requirements, "requirements")?,
+        package_json: read(&args.package_json, "package-json")?,
+    };
+    Ok((environment != Environment::default()).then_some(environment))
+}
+
 pub(crate) fn task_from_flags(args: &RunArgs) -> anyhow::Result<Task> {
     for (given, flag) in [
         (args.rootfs.is_some(), "--rootfs"),
@@ -182,7 +209,7 @@ pub(crate) fn task_from_flags(args: &RunArgs) -> anyhow::Result<Task> {
             max_retries: args.max_retries,
             target: args.target.clone(),
         },
-        environment: None,
+        environment: environment_from_flags(args)?,
     };
     // The same checks the worker makes, so a mistake is caught here.
     let json = serde_json::to_vec(&task)?;

@@ -70,6 +70,20 @@ pub(crate) struct WorkerArgs {
     /// Log segments kept per long-running container.
     #[arg(long, default_value_t = 4)]
     log_segments: u32,
+    /// Built language environments are trimmed (least recently used first) to this size.
+    #[arg(long, default_value = "10G")]
+    environment_budget: String,
+    /// Longest a language environment's build may take.
+    #[arg(long, default_value = "15m")]
+    environment_build_timeout: String,
+    /// The CA bundle put into environment builds, or `none` (default: the
+    /// host's /etc/ssl/certs/ca-certificates.crt when it exists).
+    #[arg(long)]
+    ca_bundle: Option<String>,
+    /// An environment variable of the worker passed to environment builds,
+    /// e.g. HTTPS_PROXY (repeatable).
+    #[arg(long = "build-env", value_name = "NAME")]
+    build_env: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -172,6 +186,25 @@ fn worker_config(data_dir: &Path, args: WorkerArgs) -> anyhow::Result<WorkerConf
         anyhow::bail!("--log-segments must be at least 1");
     }
     config.long_running.log_segments = args.log_segments;
+    config.environments.budget_bytes = size("environment-budget", &args.environment_budget)?;
+    config.environments.build_timeout =
+        duration("environment-build-timeout", &args.environment_build_timeout)?;
+    match args.ca_bundle.as_deref() {
+        None => {}
+        Some("none") => config.environments.ca_bundle = None,
+        Some(path) => {
+            let path = std::path::PathBuf::from(path);
+            if !path.is_file() {
+                anyhow::bail!("--ca-bundle {}: no such file", path.display());
+            }
+            config.environments.ca_bundle = Some(path);
+        }
+    }
+    for name in args.build_env {
+        if let Ok(value) = std::env::var(&name) {
+            config.environments.pass_env.push((name, value));
+        }
+    }
     // Test seam for the crash-recovery tests (see orchestrator's module doc).
     if let Ok(point) = std::env::var("QUILT_CRASH_AT") {
         config.crash_at = Some(point.parse::<CrashPoint>().map_err(anyhow::Error::msg)?);
