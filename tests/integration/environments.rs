@@ -160,10 +160,20 @@ async fn python_environments_are_built_once_cached_by_content_and_refused_when_b
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_and_an_npm_package_are_installed_and_required() {
-    let (_dir, broker, data) = setup("env-node").await;
-    let mut worker = Worker::start(&data, &broker.url, "envnode", &[]);
+async fn node_and_an_npm_package_prebuilt_at_start_are_installed_and_required() {
+    let (dir, broker, data) = setup("env-node").await;
+    // Prebuilt at start, from the worker's configuration.
+    let prebuild = dir.path.join("prebuild.json");
+    let listed = json!([{"image": "debian:py", "environment": {"npm": ["is-number@7.0.0"]}}]);
+    std::fs::write(&prebuild, listed.to_string()).unwrap();
+    let mut worker =
+        Worker::start(&data, &broker.url, "envnode", &["--prebuild", prebuild.to_str().unwrap()]);
     let agent = Agent::connect(&broker.url).await;
+    let deadline = std::time::Instant::now() + BUILD_BOUND;
+    while !worker.log_text().contains("environment prebuilt") {
+        assert!(std::time::Instant::now() < deadline, "not prebuilt: {}", worker.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let task = json!({
         "id": "node-1", "image": "debian:py",
         "command": ["node", "-e", "console.log(require('is-number/package.json').version, require('is-number')(5))"],
@@ -176,7 +186,7 @@ async fn node_and_an_npm_package_are_installed_and_required() {
         (json!("succeeded"), json!("7.0.0 true\n")),
         "{result}"
     );
-    assert_eq!(result["environment"]["cache"], "miss");
+    assert_eq!(result["environment"]["cache"], "hit", "prebuilt at start");
     // A package.json naming the same dependency is the same environment.
     let manifest = json!({
         "id": "node-2", "image": "debian:py",

@@ -84,6 +84,10 @@ pub(crate) struct WorkerArgs {
     /// e.g. HTTPS_PROXY (repeatable).
     #[arg(long = "build-env", value_name = "NAME")]
     build_env: Vec<String>,
+    /// A JSON file listing environments to build at start:
+    /// `[{"image": "debian:bookworm", "environment": {"pip": ["requests"]}}]`.
+    #[arg(long, value_name = "FILE")]
+    prebuild: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -198,6 +202,21 @@ fn worker_config(data_dir: &Path, args: WorkerArgs) -> anyhow::Result<WorkerConf
                 anyhow::bail!("--ca-bundle {}: no such file", path.display());
             }
             config.environments.ca_bundle = Some(path);
+        }
+    }
+    if let Some(path) = &args.prebuild {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --prebuild {}", path.display()))?;
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&text).with_context(|| {
+            format!("--prebuild {}: a JSON array of {{image, environment}}", path.display())
+        })?;
+        for (index, entry) in entries.into_iter().enumerate() {
+            let task = quilt::protocol::parse_task(&serde_json::to_vec(&entry)?)
+                .map_err(|error| anyhow::anyhow!("--prebuild {}[{index}]: {error}", path.display()))?;
+            if task.environment.is_none() {
+                anyhow::bail!("--prebuild {}[{index}]: no environment", path.display());
+            }
+            config.environments.prebuild.push(task);
         }
     }
     for name in args.build_env {

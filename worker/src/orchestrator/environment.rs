@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use crate::engine::{ContainerSpec, NetworkMode, Scratch};
 use crate::env::{self, EnvLease, EnvironmentMeta, PackageManager, BUILD_CA_BUNDLE};
 use crate::image::ImageRecord;
-use crate::protocol::{CacheOutcome, EnvironmentReport, Task, TaskStatus};
+use crate::protocol::{CacheOutcome, EnvironmentReport, ErrorInfo, Event, Task, TaskStatus};
 
 use super::run::{final_failure, Failure};
-use super::Shared;
+use super::{note, record, Shared};
 
 /// How environments are built and kept.
 #[derive(Debug, Clone)]
@@ -37,6 +37,9 @@ pub struct EnvironmentConfig {
     pub ca_bundle: Option<PathBuf>,
     /// Environment variables passed to build steps (proxy settings).
     pub pass_env: Vec<(String, String)>,
+    /// Environments built at start (each a task with `image` and
+    /// `environment`), so the first task that needs one finds it built.
+    pub prebuild: Vec<Task>,
 }
 
 impl Default for EnvironmentConfig {
@@ -47,6 +50,7 @@ impl Default for EnvironmentConfig {
             build_timeout: Duration::from_secs(15 * 60),
             ca_bundle: bundle.is_file().then(|| bundle.to_path_buf()),
             pass_env: Vec::new(),
+            prebuild: Vec::new(),
         }
     }
 }
@@ -132,9 +136,27 @@ pub(super) async fn prepare(
         Err(BuildFailure { message, log }) => {
             shared.environments.keep_failed_log(&key, &log);
             tracing::warn!(task = %task_id, key = %&key[..16], %message, "environment build failed");
+            note(
+                &shared.recorder,
+                Event::EnvironmentFailed {
+                    key: key.clone(),
+                    task_id: task_id.to_owned(),
+                    error: ErrorInfo { kind: "environment".into(), message: message.clone() },
+                },
+            );
             return Err(environment_failure(shared, task_id, attempt, message));
         }
     };
+    let size = env::tree_size(&upper);
+    if size > shared.config.environments.budget_bytes {
+        remove_build_container(shared, &key).await;
+        let message = format!(
+            "the environment takes {size} bytes, more than the store's budget of {} bytes",
+            shared.config.environments.budget_bytes
+        );
+        shared.environments.keep_failed_log(&key, &log);
+        return Err(environment_failure(shared, task_id, attempt, message));
+    }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let meta = EnvironmentMeta {
         key: key.clone(),
@@ -146,9 +168,21 @@ pub(super) async fn prepare(
         built_at: now,
         last_used: now,
     };
+    let image_name = meta.image.clone();
     let committed = shared.environments.commit(&upper, &log, meta);
     remove_build_container(shared, &key).await;
     committed.map_err(store_error)?;
+    record(
+        &shared.recorder,
+        Event::EnvironmentBuilt {
+            key: key.clone(),
+            image: image_name,
+            size: shared.environments.meta(&key).map_or(size, |meta| meta.size),
+            build_ms: build_ms as u64,
+            task_id: task_id.to_owned(),
+        },
+    )
+    .await;
     tracing::info!(task = %task_id, key = %&key[..16], build_ms, "environment built");
     let (layer, lease) = shared
         .environments
@@ -158,6 +192,7 @@ pub(super) async fn prepare(
     let evicted = shared.environments.evict(shared.config.environments.budget_bytes);
     if !evicted.is_empty() {
         tracing::info!(evicted = ?evicted, "environments evicted (least recently used) to stay within the budget");
+        note(&shared.recorder, Event::EnvironmentsEvicted { keys: evicted });
     }
     Ok(Some(Prepared {
         layer,
@@ -344,4 +379,26 @@ fn inject_host_files(shared: &Shared, upper: &Path) -> std::io::Result<Injected>
         None => false,
     };
     Ok(Injected { resolv_conf, ca_bundle })
+}
+
+/// Builds the configured environments, one after another (a task needing
+/// one meanwhile waits for its build, as for any build).
+pub(super) async fn prebuild(shared: Arc<Shared>) {
+    for (index, task) in shared.config.environments.prebuild.iter().enumerate() {
+        let task_id = format!("prebuild-{index}");
+        let outcome = match super::run::resolve_image_for(&shared, &task_id, 0, &task.image).await {
+            Ok((image, layers, _lease)) => {
+                prepare(&shared, task, &task_id, 0, &image, &layers).await.map(|_| ())
+            }
+            Err(failure) => Err(failure),
+        };
+        match outcome {
+            Ok(()) => tracing::info!(image = %task.image, "environment prebuilt"),
+            Err(Failure::Final(result)) => {
+                let message = result.error.map(|error| error.message).unwrap_or_default();
+                tracing::warn!(image = %task.image, %message, "an environment to prebuild failed");
+            }
+            Err(_) => tracing::warn!(image = %task.image, "an environment to prebuild failed"),
+        }
+    }
 }

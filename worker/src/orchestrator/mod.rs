@@ -495,6 +495,7 @@ where
     tracing::info!(worker = %shared.config.worker_id, concurrency = shared.config.concurrency, "worker ready");
 
     let advisories = tokio::spawn(run::watch_max_deliveries(Arc::clone(&shared)));
+    let prebuilding = tokio::spawn(environment::prebuild(Arc::clone(&shared)));
     let slots = Arc::new(Semaphore::new(shared.config.concurrency.max(1)));
     let mut running = tokio::task::JoinSet::new();
     let mut routed = tokio::task::JoinSet::new();
@@ -505,6 +506,7 @@ where
         pull_loop(&shared, &own_consumer, &slots, &mut routed),
     );
     advisories.abort();
+    prebuilding.abort();
 
     // Drain: running tasks get the grace period, then are handed back.
     let drained = tokio::time::timeout(shared.config.shutdown_grace, async {

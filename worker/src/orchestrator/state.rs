@@ -246,6 +246,11 @@ impl Projection for WorkerState {
             Event::LongRunningRemoved { name } => {
                 self.long_running.remove(name);
             }
+            // The environment store is its own record (meta.json); these
+            // are for the operator's history.
+            Event::EnvironmentBuilt { .. }
+            | Event::EnvironmentFailed { .. }
+            | Event::EnvironmentsEvicted { .. } => {}
         }
     }
 }

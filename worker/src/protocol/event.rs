@@ -196,6 +196,33 @@ pub enum Event {
         /// Its name.
         name: String,
     },
+    /// A language environment was built and stored.
+    EnvironmentBuilt {
+        /// Its key.
+        key: String,
+        /// The image it was built on.
+        image: String,
+        /// Bytes of its layer.
+        size: u64,
+        /// How long the build took, milliseconds.
+        build_ms: u64,
+        /// The task that built it.
+        task_id: String,
+    },
+    /// A language environment's build failed; nothing was stored.
+    EnvironmentFailed {
+        /// Its key.
+        key: String,
+        /// The task that asked for it.
+        task_id: String,
+        /// Why.
+        error: ErrorInfo,
+    },
+    /// Language environments were removed to keep the store within its budget.
+    EnvironmentsEvicted {
+        /// Their keys.
+        keys: Vec<String>,
+    },
 }
 
 impl Event {
@@ -223,6 +250,9 @@ impl Event {
             Event::LongRunningAdopted { .. } => "long_running_adopted",
             Event::LongRunningStopped { .. } => "long_running_stopped",
             Event::LongRunningRemoved { .. } => "long_running_removed",
+            Event::EnvironmentBuilt { .. } => "environment_built",
+            Event::EnvironmentFailed { .. } => "environment_failed",
+            Event::EnvironmentsEvicted { .. } => "environments_evicted",
         }
     }
 
@@ -236,7 +266,11 @@ impl Event {
             | Event::LongRunningExited { .. }
             | Event::LongRunningAdopted { .. }
             | Event::LongRunningStopped { .. }
-            | Event::LongRunningRemoved { .. } => None,
+            | Event::LongRunningRemoved { .. }
+            | Event::EnvironmentsEvicted { .. } => None,
+            Event::EnvironmentBuilt { task_id, .. } | Event::EnvironmentFailed { task_id, .. } => {
+                Some(task_id)
+            }
             Event::LongRunningCreated { task_id, .. } => Some(task_id),
             Event::ResultStored { result } => Some(&result.id),
             Event::ContainerReaped { task_id, .. } => task_id.as_deref(),
