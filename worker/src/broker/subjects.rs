@@ -96,3 +96,8 @@ pub fn tasks_for_worker(worker_id: &str) -> String {
 pub fn worker_consumer(worker_id: &str) -> String {
     format!("quilt-worker-{worker_id}")
 }
+
+/// `quilt.progress.<task_id>`: progress of a task's preparation (core NATS).
+pub fn progress(task_id: &str) -> String {
+    format!("quilt.progress.{task_id}")
+}

@@ -1,6 +1,7 @@
 //! The client verbs over NATS: `quilt run` (without `--local`), `quilt
 //! submit`, `quilt result`, `quilt events`.
 
+use std::io::IsTerminal;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use quilt::broker::{self, subjects};
 use quilt::engine::{parse_cpus, parse_duration, parse_size};
 use quilt::protocol::{
     parse_task, validate_task_id, ContainerMode, ContainerOptions, Environment, EventMessage, Network,
-    OutputChunk, OutputStream, RestartPolicy, Runtime, Task, TaskLimits, TaskResult, TaskStatus,
+    OutputChunk, OutputStream, Progress, RestartPolicy, Runtime, Task, TaskLimits, TaskResult, TaskStatus,
 };
 
 use super::nats::{next_result, publish_task, result_stream, NatsArgs};
@@ -248,6 +249,9 @@ pub(crate) fn run_remote(data_dir: &Path, args: RunArgs) -> anyhow::Result<u8> {
         let id = task.id.clone().unwrap_or_default();
         // Subscribe before publishing, so nothing is missed.
         let mut output = client.subscribe(subjects::output_all(&id)).await.context("following the output")?;
+        // Environment builds take a while: say what happens, on a terminal.
+        let show_progress = !args.json && std::io::stderr().is_terminal();
+        let mut progress = client.subscribe(subjects::progress(&id)).await.context("following the progress")?;
         let mut results = result_stream(&context, &id).await?;
         publish_task(&context, &task).await?;
         let mut printer = OutputPrinter::default();
@@ -268,6 +272,11 @@ pub(crate) fn run_remote(data_dir: &Path, args: RunArgs) -> anyhow::Result<u8> {
                 Some(message) = output.next() => {
                     if !args.json {
                         printer.print(&message.payload);
+                    }
+                }
+                Some(message) = progress.next() => {
+                    if let (true, Ok(step)) = (show_progress, serde_json::from_slice::<Progress>(&message.payload)) {
+                        eprintln!("quilt: {} ({:.1} s)", step.message, step.elapsed_ms as f64 / 1e3);
                     }
                 }
                 result = next_result(&mut results, None) => {

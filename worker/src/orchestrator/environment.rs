@@ -87,6 +87,23 @@ impl Prepared {
     }
 }
 
+/// Tells whoever follows the task what its preparation is doing.
+fn progress(shared: &Shared, task_id: &str, started: Instant, message: String) {
+    let progress = crate::protocol::Progress {
+        schema: crate::protocol::SCHEMA_VERSION,
+        task_id: task_id.to_owned(),
+        message,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    };
+    let client = shared.client.clone();
+    let subject = crate::broker::subjects::progress(task_id);
+    let payload = serde_json::to_vec(&progress).unwrap_or_default();
+    // Best effort: progress is for people watching, not a record.
+    tokio::spawn(async move {
+        let _ = client.publish(subject, payload.into()).await;
+    });
+}
+
 /// Finds or builds the environment of `task` on `image` (whose unpacked
 /// layers are `layers`, topmost first). `None` when the task asks for none.
 pub(super) async fn prepare(
@@ -110,7 +127,18 @@ pub(super) async fn prepare(
     let runtime_env = env::runtime_env(&normal, &image_path);
     let started = Instant::now();
     let lock = shared.environments.build_lock(&key);
-    let _building = lock.lock().await;
+    let _building = match lock.try_lock() {
+        Ok(guard) => guard,
+        Err(_) => {
+            progress(
+                shared,
+                task_id,
+                started,
+                "environment: waiting for the same environment's build".into(),
+            );
+            lock.lock().await
+        }
+    };
     let store_error = |error: env::EnvError| environment_failure(shared, task_id, attempt, error);
     if let Some((layer, lease)) = shared.environments.lease(&key).map_err(store_error)? {
         let waited = started.elapsed();
@@ -129,7 +157,13 @@ pub(super) async fn prepare(
         PackageManager::detect(layers).ok_or_else(|| store_error(env::EnvError::NoPackageManager))?;
     let steps = env::plan(manager, &normal).map_err(store_error)?;
     tracing::info!(task = %task_id, key = %&key[..16], image = %image.name, steps = steps.len(), "building an environment");
-    let built = build(shared, &key, layers, &steps).await;
+    progress(
+        shared,
+        task_id,
+        started,
+        format!("environment: building on {} ({} steps)", image.name, steps.len()),
+    );
+    let built = build(shared, task_id, started, &key, layers, &steps).await;
     let build_ms = started.elapsed().as_secs_f64() * 1e3;
     let (upper, log) = match built {
         Ok(built) => built,
@@ -234,6 +268,8 @@ fn tail(text: &str, bytes: usize) -> &str {
 /// holding what they wrote, and the build log.
 async fn build(
     shared: &Arc<Shared>,
+    task_id: &str,
+    started: Instant,
     key: &str,
     layers: &[PathBuf],
     steps: &[env::BuildStep],
@@ -273,6 +309,12 @@ async fn build(
     let mut failure = None;
     for (index, step) in steps.iter().enumerate() {
         log.extend_from_slice(format!("== {}: {}\n", step.what, step.argv.join(" ")).as_bytes());
+        progress(
+            shared,
+            task_id,
+            started,
+            format!("environment: {} ({}/{})", step.what, index + 1, steps.len()),
+        );
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             failure =

@@ -27,8 +27,8 @@ pub use environment::{
 };
 pub use event::{Event, EventMessage};
 pub use result::{
-    CacheOutcome, DeadLetter, EnvironmentReport, ErrorInfo, OutputChunk, OutputStream, ResultTimings,
-    ResultUsage, TaskResult, TaskStatus, Truncated,
+    CacheOutcome, DeadLetter, EnvironmentReport, ErrorInfo, OutputChunk, OutputStream, Progress,
+    ResultTimings, ResultUsage, TaskResult, TaskStatus, Truncated,
 };
 pub use task::{
     parse_task, task_id_from_bytes, validate_container_name, validate_task_id, ContainerMode,
@@ -63,6 +63,7 @@ pub fn schemas() -> Vec<(&'static str, schemars::Schema)> {
         ("output.json", schemars::schema_for!(OutputChunk)),
         ("event.json", schemars::schema_for!(EventMessage)),
         ("dead_letter.json", schemars::schema_for!(DeadLetter)),
+        ("progress.json", schemars::schema_for!(Progress)),
         ("api/containers.list.json", schemars::schema_for!(ApiReply<Vec<ContainerSummary>>)),
         ("api/containers.inspect.json", schemars::schema_for!(ApiReply<ContainerSummary>)),
         ("api/containers.stop.json", schemars::schema_for!(ApiReply<ContainerSummary>)),

@@ -245,3 +245,20 @@ pub struct DeadLetter {
     /// The task message as published (invalid UTF-8 replaced).
     pub task: String,
 }
+
+/// Progress of a task's preparation, published (core NATS, not stored) on
+/// `quilt.progress.<task_id>`: what a terminal shows while an environment
+/// builds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Progress {
+    /// Message format version.
+    #[serde(default = "schema_version")]
+    pub schema: u32,
+    /// The task.
+    pub task_id: String,
+    /// What is being done, e.g. `environment: pip: install (5/6)`.
+    pub message: String,
+    /// Milliseconds since the preparation began.
+    pub elapsed_ms: u64,
+}
