@@ -303,6 +303,12 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--output-bytes", type=int, help="bytes kept of each of stdout and stderr")
     parser.add_argument("--wait", type=float, help="give up waiting for the result after this many seconds")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of the output")
+    parser.add_argument("--apt", action="append", default=[], metavar="PACKAGE",
+                        help="a Debian package the command needs (repeatable)")
+    parser.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
+                        help="a Python requirement the command needs, e.g. requests==2.32.3 (repeatable)")
+    parser.add_argument("--npm", action="append", default=[], metavar="PACKAGE",
+                        help="an npm package the command needs (repeatable)")
     parser.add_argument("command", nargs="*", help="the command (default: the image's)")
     return parser.parse_args(argv)
 
@@ -323,7 +329,12 @@ async def main(argv: List[str]) -> int:
         "timeout_s": args.timeout,
         "output_bytes": args.output_bytes,
     }
-    extra = {"workdir": args.workdir} if args.workdir else {}
+    extra: Dict[str, Any] = {"workdir": args.workdir} if args.workdir else {}
+    # Packages: built once by the worker into an environment layer, then cached.
+    environment = {name: packages for name, packages in (("apt", args.apt), ("pip", args.pip), ("npm", args.npm))
+                   if packages}
+    if environment:
+        extra["environment"] = environment
     try:
         task = build_task(args.image, args.command, task_id=args.id, env=env, limits=limits, **extra)
     except ValueError as error:

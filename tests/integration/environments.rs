@@ -98,6 +98,11 @@ async fn python_environments_are_built_once_cached_by_content_and_refused_when_b
     );
     let message = bad["error"]["message"].as_str().unwrap();
     assert!(message.contains("quilt-no-such-package-0xdead") && message.contains("pip"), "{message}");
+    // Its build log, by the key the message names.
+    let key_prefix = message.rsplit("quilt env inspect ").next().unwrap().trim_end_matches(')');
+    let inspect = quilt(&data, &["env", "inspect", key_prefix]);
+    assert_eq!(inspect.status.code(), Some(1), "{}", text(&inspect.stderr));
+    assert!(text(&inspect.stdout).contains("== pip: install"), "{}", text(&inspect.stdout));
     let listed: Vec<Value> = serde_json::from_slice(&quilt(&data, &["env", "ls", "--json"]).stdout).unwrap();
     assert_eq!(listed.len(), 3, "{listed:?}");
     assert!(listed.iter().all(|meta| !meta["spec"]["pip"].to_string().contains("0xdead")), "{listed:?}");

@@ -176,3 +176,43 @@ async fn the_python_control_client_drives_a_long_running_container() {
     assert_worker_left_nothing("pyctl", &data);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_agent_asks_for_packages_and_gets_them() {
+    let python = python();
+    let Setup { dir, broker, data } = Setup::new("python-packages").await;
+    let tarball = quilt_tests::debian_python_tarball();
+    let import = Command::new(quilt_tests::quilt_binary())
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["image", "import", tarball.to_str().unwrap(), "--name", "debian:py"])
+        .output()
+        .unwrap();
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    let mut worker = Worker::start(&data, &broker.url, "pypkg", &[]);
+    let (py, out, url) = (python, dir.path.clone(), broker.url.clone());
+    let run = tokio::task::spawn_blocking(move || {
+        run_example(
+            &py,
+            &out,
+            "pip",
+            &url,
+            &[
+                "--image",
+                "debian:py",
+                "--pip",
+                "six==1.16.0",
+                "--",
+                "python3",
+                "-c",
+                "import six; print(six.__version__)",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!((run.code, run.stdout.as_str()), (0, "1.16.0\n"), "stderr {:?}", run.stderr);
+    assert!(worker.terminate().success(), "{}", worker.log_text());
+    assert_worker_left_nothing("pypkg", &data);
+    broker.stop().await;
+}

@@ -28,7 +28,8 @@ async fn task_once(
     client.flush().await.unwrap();
     let publish = PublishMessage::build().payload(serde_json::to_vec(task).unwrap().into()).message_id(&id);
     jetstream.send_publish("quilt.tasks", publish).await.unwrap().await.unwrap();
-    let message = tokio::time::timeout(Duration::from_secs(900), result.next()).await.expect("result").unwrap();
+    let message =
+        tokio::time::timeout(Duration::from_secs(900), result.next()).await.expect("result").unwrap();
     let elapsed = started.elapsed().as_secs_f64() * 1e3;
     let value: Value = serde_json::from_slice(&message.payload).unwrap();
     assert_eq!(value["status"], "succeeded", "{value}");
@@ -58,9 +59,7 @@ async fn main() {
     let client = async_nats::connect(&url).await.expect("connect");
     let jetstream = async_nats::jetstream::new(client.clone());
     let run = std::process::id();
-    let with_environment = |id: String| {
-        json!({"id": id, "image": "debian:py", "command": ["python3", "-c", CODE], "environment": {"pip": [package]}})
-    };
+    let with_environment = |id: String| json!({"id": id, "image": "debian:py", "command": ["python3", "-c", CODE], "environment": {"pip": [package]}});
     let baked = |id: String| {
         json!({
             "id": id, "image": "debian:baked", "command": ["python3", "-c", CODE],

@@ -74,13 +74,23 @@ pub(crate) fn run(data_dir: &Path, command: EnvCommand) -> anyhow::Result<u8> {
                     Ok(0)
                 }
                 [] => {
-                    let failed = store.failed_log(&key);
-                    match std::fs::read_to_string(&failed) {
-                        Ok(log) => {
+                    // A failed build: its log, found by the key's prefix too.
+                    let failed_dir =
+                        store.failed_log(&key).parent().map(Path::to_path_buf).unwrap_or_default();
+                    let found = std::fs::read_dir(&failed_dir)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .map(|entry| entry.path())
+                        .find(|path| {
+                            path.file_name().is_some_and(|name| name.to_string_lossy().starts_with(&key))
+                        });
+                    match found.and_then(|path| std::fs::read_to_string(path).ok()) {
+                        Some(log) => {
                             println!("the build of {key} failed; its log:\n{log}");
                             Ok(1)
                         }
-                        Err(_) => anyhow::bail!("no environment {key}"),
+                        None => anyhow::bail!("no environment {key}"),
                     }
                 }
                 _ => anyhow::bail!("{key} is the prefix of {} environments; give more of it", matches.len()),

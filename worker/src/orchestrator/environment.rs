@@ -178,6 +178,7 @@ pub(super) async fn prepare(
                     error: ErrorInfo { kind: "environment".into(), message: message.clone() },
                 },
             );
+            let message = format!("{message} (build log: quilt env inspect {})", &key[..16]);
             return Err(environment_failure(shared, task_id, attempt, message));
         }
     };
