@@ -140,7 +140,12 @@ pub(super) async fn prepare(
         }
     };
     let store_error = |error: env::EnvError| environment_failure(shared, task_id, attempt, error);
-    if let Some((layer, lease)) = shared.environments.lease(&key).map_err(store_error)? {
+    // A layer evicted between the lookup and the lock reads as missing: built again.
+    let found = shared.environments.lease(&key).unwrap_or_else(|error| {
+        tracing::warn!(key = %&key[..16], %error, "cannot lease a built environment; building it again");
+        None
+    });
+    if let Some((layer, lease)) = found {
         let waited = started.elapsed();
         return Ok(Some(Prepared {
             layer,
