@@ -65,8 +65,18 @@ async fn lifecycle(engine: Engine, reopen: impl Fn() -> Engine, id: &str, cgroup
     let identity = running.identity();
     assert_eq!(identity.run, 1);
     wait_logs(&engine, id, "run start\n").await;
+    // The first process is in its leaf (with, for a moment, the `mkdir` it
+    // forks before it execs `sleep`).
     for dir in cgroup_dirs {
-        let procs = std::fs::read_to_string(dir.join(id).join("init/cgroup.procs")).unwrap();
+        let path = dir.join(id).join("init/cgroup.procs");
+        let mut procs = String::new();
+        for _ in 0..500 {
+            procs = std::fs::read_to_string(&path).unwrap();
+            if procs.trim() == identity.init.pid.to_string() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(procs.trim(), identity.init.pid.to_string(), "{}", dir.display());
     }
 
