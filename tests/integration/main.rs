@@ -1,6 +1,7 @@
 //! Quilt's integration tests: real containers on a busybox rootfs, run as root.
 //! One binary (ripgrep style); one module per area.
 
+mod accounts;
 mod bad_input;
 mod broker;
 mod bundle;

@@ -100,7 +100,8 @@ pub struct ConnectConfig {
 /// buffered (and JetStream requests time out, which callers retry).
 pub async fn connect(config: &ConnectConfig) -> Result<async_nats::Client, SetupError> {
     crate::install_crypto_provider();
-    let url = config.url.clone();
+    // Logged and reported without the password.
+    let url = without_credentials(&config.url);
     let mut options = async_nats::ConnectOptions::new()
         .name(&config.name)
         .connection_timeout(Duration::from_secs(5))
@@ -137,10 +138,73 @@ pub async fn connect(config: &ConnectConfig) -> Result<async_nats::Client, Setup
     if config.retry_first_connect {
         options = options.retry_on_initial_connect();
     }
-    options
-        .connect(config.url.as_str())
-        .await
-        .map_err(|source| SetupError::Connect { url: config.url.clone(), source })
+    // A user and password in the URL (`nats://worker:secret@hub:4222`, as
+    // the accounts of broker-config/accounts.conf expect) are sent as the
+    // connection's credentials; the client does not take them from the URL.
+    let (urls, user_and_password) = split_user_and_password(&config.url);
+    if let Some((user, password)) = user_and_password {
+        options = options.user_and_password(user, password);
+    }
+    // The URL with its secret removed is the one errors and logs show.
+    options.connect(urls.as_str()).await.map_err(|source| SetupError::Connect { url: urls.clone(), source })
+}
+
+/// `urls` without the user information, for logs and messages.
+pub fn without_credentials(urls: &str) -> String {
+    split_user_and_password(urls).0
+}
+
+/// The server URLs without user information, and the first user and
+/// password found in them.
+fn split_user_and_password(urls: &str) -> (String, Option<(String, String)>) {
+    let mut credentials = None;
+    let stripped: Vec<String> = urls
+        .split(',')
+        .map(|url| {
+            let url = url.trim();
+            let (scheme, rest) = match url.split_once("://") {
+                Some((scheme, rest)) => (Some(scheme), rest),
+                None => (None, url),
+            };
+            let (authority, path) = match rest.find('/') {
+                Some(at) => rest.split_at(at),
+                None => (rest, ""),
+            };
+            let host = match authority.rsplit_once('@') {
+                Some((userinfo, host)) => {
+                    if credentials.is_none() {
+                        let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                        credentials = Some((user.to_owned(), password.to_owned()));
+                    }
+                    host
+                }
+                None => authority,
+            };
+            match scheme {
+                Some(scheme) => format!("{scheme}://{host}{path}"),
+                None => format!("{host}{path}"),
+            }
+        })
+        .collect();
+    (stripped.join(","), credentials)
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::split_user_and_password;
+
+    #[test]
+    fn user_and_password_are_taken_out_of_the_urls() {
+        assert_eq!(split_user_and_password("nats://127.0.0.1:4222"), ("nats://127.0.0.1:4222".into(), None));
+        assert_eq!(
+            split_user_and_password("nats://worker:s3cr:et@hub:4222,nats://hub2:4222"),
+            ("nats://hub:4222,nats://hub2:4222".into(), Some(("worker".into(), "s3cr:et".into())))
+        );
+        assert_eq!(
+            split_user_and_password("tls://agent:pw@10.0.0.1:4222"),
+            ("tls://10.0.0.1:4222".into(), Some(("agent".into(), "pw".into())))
+        );
+    }
 }
 
 /// The settings of Quilt's streams and consumer. Defaults follow DESIGN.md.

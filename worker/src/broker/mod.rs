@@ -47,8 +47,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use jetstream::{
-    connect, context, ensure, ensure_worker_consumer, ConnectConfig, JetStreamHandles, JetStreamSettings,
-    SetupError,
+    connect, context, ensure, ensure_worker_consumer, without_credentials, ConnectConfig, JetStreamHandles,
+    JetStreamSettings, SetupError,
 };
 pub use locate::{find_nats_server, locate_nats_server, NATS_SERVER_ENV};
 

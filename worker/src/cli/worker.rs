@@ -304,7 +304,11 @@ pub(crate) fn join(data_dir: &Path, args: JoinArgs) -> anyhow::Result<u8> {
         let stop = stop_on_signals()?;
         let config = worker_config(data_dir, args.worker)?;
         let connect = args.nats.config(data_dir, &format!("quilt-worker-{}", config.worker_id), true);
-        eprintln!("quilt: worker {} connecting to {}", config.worker_id, connect.url);
+        eprintln!(
+            "quilt: worker {} connecting to {}",
+            config.worker_id,
+            quilt::broker::without_credentials(&connect.url)
+        );
         let client = broker::connect(&connect).await.context("connecting to NATS")?;
         orchestrator::run_with(config, client, stop, start_api).await.context("worker")?;
         Ok(0)
