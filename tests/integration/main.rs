@@ -6,6 +6,7 @@ mod bad_input;
 mod broker;
 mod bundle;
 mod cgroup_v2;
+mod cluster;
 mod control_api;
 mod debian;
 mod environments;

@@ -145,8 +145,12 @@ pub async fn connect(config: &ConnectConfig) -> Result<async_nats::Client, Setup
     if let Some((user, password)) = user_and_password {
         options = options.user_and_password(user, password);
     }
-    // The URL with its secret removed is the one errors and logs show.
-    options.connect(urls.as_str()).await.map_err(|source| SetupError::Connect { url: urls.clone(), source })
+    // The URL with its secret removed is the one errors and logs show. A
+    // cluster is several URLs separated by commas; the client takes them
+    // as a list (a `&str` is one address to it).
+    let servers: Vec<String> =
+        urls.split(',').map(|url| url.trim().to_owned()).filter(|url| !url.is_empty()).collect();
+    options.connect(servers).await.map_err(|source| SetupError::Connect { url: urls.clone(), source })
 }
 
 /// `urls` without the user information, for logs and messages.
