@@ -67,7 +67,7 @@ impl NatsArgs {
         broker::connect(&config).await.with_context(|| {
             format!(
                 "is a Quilt broker running? Start one with `quilt up`, or give --nats URL (tried {})",
-                config.url
+                broker::without_credentials(&config.url)
             )
         })
     }
