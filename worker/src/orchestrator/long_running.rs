@@ -252,13 +252,7 @@ pub(super) async fn create(
     }
 
     let container_id = format!("{}.{name}", shared.config.worker_id);
-    let registration = ContainerRegistration {
-        worker_id: shared.config.worker_id.clone(),
-        container_id: container_id.clone(),
-        fingerprint: wanted.clone(),
-    };
-    let value = bytes::Bytes::from(serde_json::to_vec(&registration).unwrap_or_default());
-    match shared.jetstream.containers.create(name, value).await {
+    match register(shared, name, &container_id, &wanted).await {
         Ok(_) => {}
         Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
             let owner = registration_of(shared, name).await.map_err(Failure::Retry)?;
@@ -316,6 +310,22 @@ pub(super) async fn create(
             Err(failure.into_task_failure(shared, task_id, attempt, &container_id))
         }
     }
+}
+
+/// Registers `name` to this worker, if nobody has it (compare-and-set on absence).
+async fn register(
+    shared: &Shared,
+    name: &str,
+    container_id: &str,
+    fingerprint: &str,
+) -> Result<u64, async_nats::jetstream::kv::CreateError> {
+    let registration = ContainerRegistration {
+        worker_id: shared.config.worker_id.clone(),
+        container_id: container_id.to_owned(),
+        fingerprint: fingerprint.to_owned(),
+    };
+    let value = bytes::Bytes::from(serde_json::to_vec(&registration).unwrap_or_default());
+    shared.jetstream.containers.create(name, value).await
 }
 
 async fn registration_of(shared: &Shared, name: &str) -> Result<Option<ContainerRegistration>, ErrorInfo> {
@@ -872,13 +882,7 @@ async fn still_ours(shared: &Shared, name: &str, entry: &LongRunningEntry) -> bo
             false
         }
         None => {
-            let registration = ContainerRegistration {
-                worker_id: shared.config.worker_id.clone(),
-                container_id: entry.container_id.clone(),
-                fingerprint: fingerprint(&entry.task),
-            };
-            let value = bytes::Bytes::from(serde_json::to_vec(&registration).unwrap_or_default());
-            match shared.jetstream.containers.create(name, value).await {
+            match register(shared, name, &entry.container_id, &fingerprint(&entry.task)).await {
                 Ok(_) => {
                     tracing::info!(container = %name, "registered a container whose registration was gone");
                     true
