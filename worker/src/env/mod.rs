@@ -338,7 +338,8 @@ impl EnvStore {
         let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockShared)
             .map_err(|(_, errno)| EnvError::Io { path: layer.clone(), source: errno.into() })?;
         meta.last_used = now_s();
-        self.write_meta(&meta)?;
+        // Only orders eviction: not worth an fsync on every task's path.
+        self.store_meta(&meta, false)?;
         Ok(Some((layer, EnvLease { _lock: lock })))
     }
 
@@ -366,11 +367,18 @@ impl EnvStore {
     }
 
     fn write_meta(&self, meta: &EnvironmentMeta) -> Result<(), EnvError> {
+        self.store_meta(meta, true)
+    }
+
+    /// Replaces `meta.json` whole (write, rename); `durable` fsyncs first.
+    fn store_meta(&self, meta: &EnvironmentMeta, durable: bool) -> Result<(), EnvError> {
         let path = self.entry_dir(&meta.key).join("meta.json");
         let temporary = path.with_extension("json.tmp");
         let mut file = File::create(&temporary).map_err(io_error(&temporary))?;
         file.write_all(&serde_json::to_vec_pretty(meta).unwrap_or_default()).map_err(io_error(&temporary))?;
-        file.sync_all().map_err(io_error(&temporary))?;
+        if durable {
+            file.sync_all().map_err(io_error(&temporary))?;
+        }
         std::fs::rename(&temporary, &path).map_err(io_error(&path))
     }
 
