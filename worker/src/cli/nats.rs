@@ -27,13 +27,13 @@ pub(crate) struct NatsArgs {
     #[arg(long, env = "QUILT_NATS_CREDS")]
     pub(crate) creds: Option<PathBuf>,
     /// CA certificate for TLS to NATS (implies TLS).
-    #[arg(long)]
+    #[arg(long, env = "QUILT_TLS_CA")]
     pub(crate) tls_ca: Option<PathBuf>,
     /// Client certificate for mutual TLS (with --tls-key).
-    #[arg(long, requires = "tls_key")]
+    #[arg(long, env = "QUILT_TLS_CERT", requires = "tls_key")]
     pub(crate) tls_cert: Option<PathBuf>,
     /// Client key for mutual TLS (with --tls-cert).
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, env = "QUILT_TLS_KEY", requires = "tls_cert")]
     pub(crate) tls_key: Option<PathBuf>,
 }
 

@@ -20,73 +20,73 @@ pub(crate) struct WorkerArgs {
     #[arg(long, env = "QUILT_WORKER_ID")]
     worker_id: Option<String>,
     /// Tasks run at once.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, env = "QUILT_CONCURRENCY", default_value_t = 4)]
     concurrency: usize,
     /// Memory of a task that sets none, e.g. 512M.
-    #[arg(long, default_value = "512M")]
+    #[arg(long, env = "QUILT_DEFAULT_MEMORY", default_value = "512M")]
     default_memory: String,
     /// Most memory a task may have.
-    #[arg(long, default_value = "4G")]
+    #[arg(long, env = "QUILT_MAX_MEMORY", default_value = "4G")]
     max_memory: String,
     /// Wall-clock limit of a task that sets none, e.g. 5m.
-    #[arg(long, default_value = "5m")]
+    #[arg(long, env = "QUILT_DEFAULT_TIMEOUT", default_value = "5m")]
     default_timeout: String,
     /// Longest wall-clock limit a task may have.
-    #[arg(long, default_value = "1h")]
+    #[arg(long, env = "QUILT_MAX_TIMEOUT", default_value = "1h")]
     max_timeout: String,
     /// Most processes a task may have.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, env = "QUILT_MAX_PIDS", default_value_t = 4096)]
     max_pids: u64,
     /// Let tasks ask for the host's network ("network": "host").
-    #[arg(long)]
+    #[arg(long, env = "QUILT_ALLOW_HOST_NETWORK")]
     allow_host_network: bool,
     /// Refuse tasks whose image is not already in the local store instead of pulling it.
-    #[arg(long)]
+    #[arg(long, env = "QUILT_NO_PULL")]
     no_pull: bool,
     /// A registry (host[:port]) to pull from over plain HTTP (loopback ones always are).
-    #[arg(long = "insecure-registry")]
+    #[arg(long = "insecure-registry", env = "QUILT_INSECURE_REGISTRIES", value_delimiter = ',')]
     insecure_registries: Vec<String>,
     /// How long running tasks may take to finish on SIGTERM before they are handed back.
-    #[arg(long, default_value = "30s")]
+    #[arg(long, env = "QUILT_SHUTDOWN_GRACE", default_value = "30s")]
     shutdown_grace: String,
     /// JetStream AckWait of the shared task consumer.
-    #[arg(long, default_value = "30s")]
+    #[arg(long, env = "QUILT_ACK_WAIT", default_value = "30s")]
     ack_wait: String,
     /// Deliveries of a task before it is dead-lettered.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, env = "QUILT_MAX_DELIVER", default_value_t = 5)]
     max_deliver: i64,
     /// Stream replicas (3 on a 3-node cluster).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "QUILT_REPLICAS", default_value_t = 1)]
     replicas: usize,
     /// Run without limits whose cgroup controller this host lacks (default: refuse such tasks).
-    #[arg(long)]
+    #[arg(long, env = "QUILT_SKIP_UNAVAILABLE_LIMITS")]
     skip_unavailable_limits: bool,
     /// The shim of long-running containers (default: `quilt-shim` next to this program).
     #[arg(long, env = "QUILT_SHIM")]
     shim: Option<std::path::PathBuf>,
     /// Size at which a long-running container's log segment is rotated, e.g. 8M.
-    #[arg(long, default_value = "8M")]
+    #[arg(long, env = "QUILT_LOG_SEGMENT_SIZE", default_value = "8M")]
     log_segment_size: String,
     /// Log segments kept per long-running container.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, env = "QUILT_LOG_SEGMENTS", default_value_t = 4)]
     log_segments: u32,
     /// Built language environments are trimmed (least recently used first) to this size.
-    #[arg(long, default_value = "10G")]
+    #[arg(long, env = "QUILT_ENVIRONMENT_BUDGET", default_value = "10G")]
     environment_budget: String,
     /// Longest a language environment's build may take.
-    #[arg(long, default_value = "15m")]
+    #[arg(long, env = "QUILT_ENVIRONMENT_BUILD_TIMEOUT", default_value = "15m")]
     environment_build_timeout: String,
     /// The CA bundle put into environment builds, or `none` (default: the
     /// host's /etc/ssl/certs/ca-certificates.crt when it exists).
-    #[arg(long)]
+    #[arg(long, env = "QUILT_CA_BUNDLE")]
     ca_bundle: Option<String>,
     /// An environment variable of the worker passed to environment builds,
     /// e.g. HTTPS_PROXY (repeatable).
-    #[arg(long = "build-env", value_name = "NAME")]
+    #[arg(long = "build-env", value_name = "NAME", env = "QUILT_BUILD_ENV", value_delimiter = ',')]
     build_env: Vec<String>,
     /// A JSON file listing environments to build at start:
     /// `[{"image": "debian:bookworm", "environment": {"pip": ["requests"]}}]`.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "QUILT_PREBUILD", value_name = "FILE")]
     prebuild: Option<std::path::PathBuf>,
 }
 
