@@ -41,18 +41,11 @@ export QUILT_DATA_DIR=$data_dir
 
 if ! "$quilt" image ls 2>/dev/null | grep -q 'library/busybox:latest'; then
   echo "== importing a busybox image (from this host's busybox-static)" >&2
-  rootfs=$(mktemp -d)
-  trap 'rm -rf "$rootfs"' EXIT
-  mkdir -p "$rootfs"/{bin,proc,dev,sys,tmp,etc,root}
-  cp "$(command -v busybox)" "$rootfs/bin/busybox"
-  for applet in $("$rootfs/bin/busybox" --list); do
-    [ "$applet" = busybox ] || ln -sf busybox "$rootfs/bin/$applet"
-  done
-  printf 'root:x:0:0:root:/root:/bin/sh\n' > "$rootfs/etc/passwd"
-  printf 'root:x:0:\n' > "$rootfs/etc/group"
-  tar -C "$rootfs" -cf "$rootfs.tar" .
-  "$quilt" image import --name busybox "$rootfs.tar" >&2
-  rm -f "$rootfs.tar"
+  tarball=$(mktemp --suffix=.tar)
+  trap 'rm -f "$tarball"' EXIT
+  deploy/busybox-image.sh "$tarball"
+  "$quilt" image import --name busybox "$tarball" >&2
+  rm -f "$tarball"
 fi
 
 cat >&2 <<MSG

@@ -48,6 +48,7 @@ fn start_server(dir: &TestDir) -> Server {
         .arg(&config)
         .env("QUILT_AGENT_PASSWORD", "agent-pw")
         .env("QUILT_WORKER_PASSWORD", "worker-pw")
+        .env("QUILT_LEAF_PASSWORD", "leaf-pw")
         .env("QUILT_ADMIN_PASSWORD", "admin-pw")
         .env("QUILT_SYS_PASSWORD", "sys-pw")
         .stdout(Stdio::null())

@@ -32,10 +32,10 @@ fn start_cluster(dir: &TestDir) -> Vec<Node> {
         &config,
     )
     .unwrap();
-    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (free_port(), free_port(), free_port())).collect();
     let program = quilt::broker::find_nats_server(None).unwrap();
     let mut nodes = Vec::new();
-    for (index, (client, route)) in ports.iter().enumerate() {
+    for (index, (client, route, leaf)) in ports.iter().enumerate() {
         let mut command = Command::new(&program);
         command
             .arg("-c")
@@ -43,10 +43,11 @@ fn start_cluster(dir: &TestDir) -> Vec<Node> {
             .env("QUILT_NODE_NAME", format!("n{}", index + 1))
             .env("QUILT_CLIENT_LISTEN", format!("127.0.0.1:{client}"))
             .env("QUILT_CLUSTER_LISTEN", format!("127.0.0.1:{route}"))
+            .env("QUILT_LEAF_LISTEN", format!("127.0.0.1:{leaf}"))
             .env("QUILT_STORE_DIR", dir.path.join(format!("store-{}", index + 1)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path.join(format!("n{}.log", index + 1))).unwrap());
-        for (other, (_, other_route)) in ports.iter().enumerate() {
+        for (other, (_, other_route, _)) in ports.iter().enumerate() {
             command
                 .env(format!("QUILT_ROUTE_{}", other + 1), format!("nats-route://127.0.0.1:{other_route}"));
         }

@@ -22,3 +22,4 @@ mod pipeline_poison;
 mod pipeline_tls;
 mod python_client;
 mod registry;
+mod sim;
