@@ -16,6 +16,7 @@ mod isolation;
 mod limits;
 mod long_running;
 mod long_running_engine;
+mod metrics;
 mod pipeline;
 mod pipeline_crash;
 mod pipeline_poison;

@@ -26,6 +26,7 @@ pub mod engine;
 pub mod env;
 pub mod events;
 pub mod image;
+pub mod metrics;
 pub mod orchestrator;
 pub mod protocol;
 pub mod shim;

@@ -88,6 +88,11 @@ pub(crate) struct WorkerArgs {
     /// `[{"image": "debian:bookworm", "environment": {"pip": ["requests"]}}]`.
     #[arg(long, env = "QUILT_PREBUILD", value_name = "FILE")]
     prebuild: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics on `GET /metrics` at this IP address and
+    /// port, e.g. 127.0.0.1:9464 (port 0 picks a free one; the bound address
+    /// is written to <data-dir>/metrics.addr). Default: no metrics endpoint.
+    #[arg(long, env = "QUILT_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -219,6 +224,7 @@ fn worker_config(data_dir: &Path, args: WorkerArgs) -> anyhow::Result<WorkerConf
             config.environments.prebuild.push(task);
         }
     }
+    config.metrics_listen = args.metrics_listen;
     for name in args.build_env {
         if let Ok(value) = std::env::var(&name) {
             config.environments.pass_env.push((name, value));

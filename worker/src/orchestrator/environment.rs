@@ -146,6 +146,7 @@ pub(super) async fn prepare(
         None
     });
     if let Some((layer, lease)) = found {
+        shared.metrics.environment_hit();
         let waited = started.elapsed();
         return Ok(Some(Prepared {
             layer,
@@ -158,6 +159,7 @@ pub(super) async fn prepare(
             },
         }));
     }
+    shared.metrics.environment_miss();
     let manager =
         PackageManager::detect(layers).ok_or_else(|| store_error(env::EnvError::NoPackageManager))?;
     let steps = env::plan(manager, &normal).map_err(store_error)?;
@@ -173,6 +175,7 @@ pub(super) async fn prepare(
     let (upper, log) = match built {
         Ok(built) => built,
         Err(BuildFailure { message, log }) => {
+            shared.metrics.environment_built(false);
             shared.environments.keep_failed_log(&key, &log);
             tracing::warn!(task = %task_id, key = %&key[..16], %message, "environment build failed");
             note(
@@ -189,6 +192,7 @@ pub(super) async fn prepare(
     };
     let size = env::tree_size(&upper);
     if size > shared.config.environments.budget_bytes {
+        shared.metrics.environment_built(false);
         remove_build_container(shared, &key).await;
         let message = format!(
             "the environment takes {size} bytes, more than the store's budget of {} bytes",
@@ -211,6 +215,7 @@ pub(super) async fn prepare(
     let image_name = meta.image.clone();
     let committed = shared.environments.commit(&upper, &log, meta);
     remove_build_container(shared, &key).await;
+    shared.metrics.environment_built(committed.is_ok());
     committed.map_err(store_error)?;
     record(
         &shared.recorder,

@@ -56,6 +56,11 @@
 //! Shutdown: stop fetching, let running tasks finish within the grace
 //! period, then kill the rest and hand them back (NAK).
 //!
+//! Metrics: the worker counts results, run and queue times and environment
+//! lookups into [`crate::metrics::Metrics`] (atomics, no lock on a task's
+//! path); with `metrics_listen` it serves them over HTTP from ready to
+//! shutdown, the gauges read at each scrape from its state.
+//!
 //! Test seam: `WorkerConfig::crash_at` names a point at which the process
 //! SIGKILLs itself (see [`CrashPoint`]), for the crash-recovery tests.
 
@@ -86,6 +91,12 @@ use state::WorkerState;
 
 /// How long one pull request waits for tasks before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// The event log's file in the data directory.
+const EVENT_LOG_FILE: &str = "events.redb";
+
+/// How long a scrape waits for the task consumer's info from JetStream.
+const QUEUE_INFO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Points at which a worker configured to crash kills itself with SIGKILL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +159,8 @@ pub struct WorkerConfig {
     pub long_running: LongRunningConfig,
     /// Language environments: store budget, build timeout, CA bundle.
     pub environments: EnvironmentConfig,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address; none by default.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Where `quilt-shim` is by default: next to the running executable.
@@ -179,6 +192,7 @@ impl WorkerConfig {
                 log_segments: 4,
             },
             environments: EnvironmentConfig::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -204,6 +218,9 @@ pub enum WorkerError {
     /// Opening the environment store.
     #[error("environment store")]
     Environments(#[source] crate::env::EnvError),
+    /// Binding the metrics endpoint.
+    #[error("metrics endpoint")]
+    Metrics(#[source] crate::metrics::MetricsError),
     /// A blocking task panicked.
     #[error("internal task failed: {0}")]
     Join(String),
@@ -219,6 +236,7 @@ impl WorkerError {
             WorkerError::Images(_) => "images",
             WorkerError::Setup(_) => "setup",
             WorkerError::Environments(_) => "environments",
+            WorkerError::Metrics(_) => "metrics",
             WorkerError::Join(_) => "internal",
         }
     }
@@ -258,6 +276,8 @@ pub(crate) struct Shared {
     pub(crate) long_running: long_running::LongRunningSet,
     /// Built language environments.
     pub(crate) environments: crate::env::EnvStore,
+    /// Counters for the metrics endpoint.
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 /// Read-only access to a running worker, for the control API (which
@@ -384,6 +404,48 @@ impl WorkerView {
     }
 }
 
+impl crate::metrics::Source for WorkerView {
+    fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.shared.metrics
+    }
+
+    /// Brief locks only: the set of held tasks and the folded state, each
+    /// for a count.
+    async fn gauges(&self) -> crate::metrics::Gauges {
+        let shared = &self.shared;
+        let tasks_running = shared.in_flight.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
+        let containers_running =
+            shared.recorder.state().long_running.values().filter(|entry| entry.running.is_some()).count()
+                as u64;
+        let info = tokio::time::timeout(QUEUE_INFO_TIMEOUT, shared.jetstream.consumer.get_info()).await;
+        let queue = match info {
+            Ok(Ok(info)) => Some(crate::metrics::QueueDepth {
+                pending: info.num_pending,
+                ack_pending: info.num_ack_pending as u64,
+            }),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "metrics: cannot read the task consumer's info");
+                shared.metrics.sample_failed();
+                None
+            }
+            Err(_) => {
+                tracing::debug!("metrics: the task consumer's info did not come in time");
+                shared.metrics.sample_failed();
+                None
+            }
+        };
+        let event_log_bytes = match tokio::fs::metadata(shared.config.data_dir.join(EVENT_LOG_FILE)).await {
+            Ok(metadata) => Some(metadata.len()),
+            Err(error) => {
+                tracing::debug!(%error, "metrics: cannot read the event log's size");
+                shared.metrics.sample_failed();
+                None
+            }
+        };
+        crate::metrics::Gauges { tasks_running, containers_running, queue, event_log_bytes }
+    }
+}
+
 /// Runs a worker on `client` until `stop` turns true, then drains.
 pub async fn run(
     config: WorkerConfig,
@@ -405,10 +467,18 @@ where
     Ready: std::future::Future<Output = ()>,
 {
     let started = std::time::Instant::now();
+    let metrics = crate::metrics::Metrics::new();
     validate_worker_id(&config.worker_id)?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| WorkerError::Images(ImageError::Io { path: config.data_dir.clone(), source }))?;
-    let log_path = config.data_dir.join("events.redb");
+    // Bound now, so a taken address stops the worker before it does anything.
+    let metrics_listener = match config.metrics_listen {
+        Some(address) => {
+            Some(crate::metrics::MetricsListener::bind(address).await.map_err(WorkerError::Metrics)?)
+        }
+        None => None,
+    };
+    let log_path = config.data_dir.join(EVENT_LOG_FILE);
     let (log, state) = tokio::task::spawn_blocking(move || {
         let log = EventLog::<Event>::open(&log_path)?;
         let (state, _) = rebuild::<WorkerState, Event>(&log)?;
@@ -463,6 +533,7 @@ where
         in_flight: std::sync::Mutex::default(),
         long_running: long_running::LongRunningSet::default(),
         environments,
+        metrics,
     });
     run::settle_held_tasks(&shared).await;
     long_running::adopt_all(&shared).await;
@@ -492,6 +563,8 @@ where
     )
     .await;
     on_ready(WorkerView { shared: Arc::clone(&shared), started }).await;
+    let metrics_server = metrics_listener
+        .map(|listener| serve_metrics(listener, WorkerView { shared: Arc::clone(&shared), started }));
     tracing::info!(worker = %shared.config.worker_id, concurrency = shared.config.concurrency, "worker ready");
 
     let advisories = tokio::spawn(run::watch_max_deliveries(Arc::clone(&shared)));
@@ -522,6 +595,10 @@ where
     }
     // Acks and results are published through the client's buffer: flush it.
     let _ = shared.client.flush().await;
+    if let Some(server) = metrics_server {
+        server.stop().await;
+        let _ = std::fs::remove_file(shared.config.data_dir.join(crate::metrics::ADDRESS_FILE));
+    }
     if let Err(error) = tokio::task::spawn_blocking({
         let shared = Arc::clone(&shared);
         move || shared.recorder.compact()
@@ -533,6 +610,22 @@ where
         tracing::warn!(%error, "final event log compaction failed");
     }
     Ok(())
+}
+
+/// Starts the metrics endpoint and says where it is: in the log, and in
+/// `<data-dir>/metrics.addr` for whoever picked port 0.
+fn serve_metrics(
+    listener: crate::metrics::MetricsListener,
+    view: WorkerView,
+) -> crate::metrics::MetricsServer {
+    let address = listener.local_addr();
+    let file = view.shared.config.data_dir.join(crate::metrics::ADDRESS_FILE);
+    let server = listener.serve(view);
+    if let Err(error) = std::fs::write(&file, format!("{address}\n")) {
+        tracing::warn!(file = %file.display(), %error, "cannot write the metrics endpoint's address");
+    }
+    tracing::info!(%address, "metrics endpoint listening (GET /metrics)");
+    server
 }
 
 async fn pull_loop(

@@ -169,6 +169,7 @@ pub(crate) async fn handle_delivery(shared: &Arc<Shared>, message: Message) {
         return;
     }
     crash_if(shared, CrashPoint::AfterFetch).await;
+    shared.metrics.task_started(Duration::try_from_secs_f64(queued_ms / 1e3).unwrap_or_default());
 
     let progress = tokio::spawn(keep_lease(Arc::clone(&message), shared.ack_wait));
     let outcome = match parsed {
@@ -338,6 +339,7 @@ async fn ack(shared: &Shared, message: &Message, task_id: &str) {
 async fn publish_and_record(shared: &Shared, result: &TaskResult) -> bool {
     match publish_result(shared, result).await {
         Publication::Stored(seq) => {
+            shared.metrics.task_finished(result.status);
             crash_if(shared, CrashPoint::AfterPublished).await;
             // Queued: if it is lost in a crash, the restart publishes again,
             // finds this result stored and records it then.
@@ -505,7 +507,9 @@ async fn execute(
             return long_running::create(shared, task, task_id, attempt, &name, payload).await
         }
         Placement::Exec { target } => {
-            return long_running::exec(shared, task, task_id, attempt, &target, payload).await
+            let result = long_running::exec(shared, task, task_id, attempt, &target, payload).await;
+            observe_run(shared, &result);
+            return result;
         }
     }
     let image_started = Instant::now();
@@ -534,6 +538,7 @@ async fn execute(
         }
     };
     let mut result = drive(shared, task_id, attempt, container, image_ms, true).await;
+    observe_run(shared, &result);
     drop(lease);
     if let Some(prepared) = prepared {
         match &mut result {
@@ -544,6 +549,15 @@ async fn execute(
     }
     note(&shared.recorder, removed());
     result
+}
+
+/// Feeds a command's run time (container creation to exit, as the result
+/// reports it) to the metrics, when the command ran to an outcome.
+fn observe_run(shared: &Shared, result: &Result<TaskResult, Failure>) {
+    if let Ok(result) = result {
+        let seconds = (result.timings.start_ms + result.timings.run_ms) / 1e3;
+        shared.metrics.task_ran(Duration::try_from_secs_f64(seconds).unwrap_or_default());
+    }
 }
 
 /// A final answer that is not a container outcome: `status` with an error.
