@@ -9,6 +9,7 @@ mod cgroup_v2;
 mod cluster;
 mod control_api;
 mod debian;
+mod deploy_units;
 mod environments;
 mod events;
 mod images;
