@@ -49,11 +49,7 @@ async fn connect(url: &str) -> async_nats::Client {
 /// Publishes `count` tasks named `prefix-N`, then waits for their results;
 /// returns the seconds from the first publish to the last result, and the
 /// count per worker.
-async fn burst(
-    client: &async_nats::Client,
-    prefix: &str,
-    count: usize,
-) -> (f64, BTreeMap<String, usize>) {
+async fn burst(client: &async_nats::Client, prefix: &str, count: usize) -> (f64, BTreeMap<String, usize>) {
     let jetstream = async_nats::jetstream::new(client.clone());
     let mut results = client.subscribe("quilt.results.*").await.unwrap();
     client.flush().await.unwrap();
@@ -66,7 +62,9 @@ async fn burst(
             jetstream
                 .send_publish(
                     "quilt.tasks",
-                    PublishMessage::build().payload(serde_json::to_vec(&task).unwrap().into()).message_id(&id),
+                    PublishMessage::build()
+                        .payload(serde_json::to_vec(&task).unwrap().into())
+                        .message_id(&id),
                 )
                 .await
                 .unwrap(),
