@@ -94,8 +94,10 @@ const CPU_QUOTA_US_PER_MILLI: u64 = CPU_PERIOD_US / 1000;
 const MIN_CPU_QUOTA_US: u64 = 1000;
 /// Below this a container cannot even exec a shell; such a value is a caller bug.
 const MIN_MEMORY_BYTES: u64 = 4 * 1024 * 1024;
-/// Rounds of "list cgroup.procs, SIGKILL each" before [`ContainerCgroup::kill_all`] gives up.
-const KILL_ROUNDS: u32 = 50;
+/// How long [`ContainerCgroup::kill_all`] repeats "list cgroup.procs, SIGKILL each" before it
+/// gives up. A SIGKILLed process leaves the list only once it has exited, which on a loaded
+/// machine (or for a process with much memory to free) takes more than half a second.
+const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest pause between two kill rounds or two `rmdir` attempts.
 const MAX_RETRY_PAUSE: Duration = Duration::from_millis(10);
 /// How long [`ContainerCgroup::delete`] waits, in total, for the cgroup to empty.
@@ -262,7 +264,7 @@ pub enum CgroupError {
         source: Errno,
     },
     /// Processes were still appearing after every kill round.
-    #[error("{remaining} processes still in {path} after {KILL_ROUNDS} kill rounds")]
+    #[error("{remaining} processes still in {path} after {KILL_TIMEOUT:?} of SIGKILLs")]
     KillIncomplete {
         /// A cgroup directory that still has processes.
         path: PathBuf,
@@ -1099,7 +1101,7 @@ impl ContainerCgroup {
 
     /// SIGKILL every process in the cgroup, daemonised grandchildren included: v2 via
     /// `cgroup.kill` when present, else (and on v1) read `cgroup.procs` and kill each pid,
-    /// repeating (at most [`KILL_ROUNDS`] rounds) until empty. A cgroup that is already gone
+    /// repeating (for at most [`KILL_TIMEOUT`]) until empty. A cgroup that is already gone
     /// counts as empty.
     pub(crate) fn kill_all(&self) -> Result<(), CgroupError> {
         if self.version == CgroupVersion::V2 && self.cgroup_kill {
@@ -1112,12 +1114,13 @@ impl ContainerCgroup {
             };
         }
         let mut pause = Duration::from_millis(1);
-        for round in 0..=KILL_ROUNDS {
+        let deadline = std::time::Instant::now() + KILL_TIMEOUT;
+        loop {
             let pids = self.processes()?;
             if pids.is_empty() {
                 return Ok(());
             }
-            if round == KILL_ROUNDS {
+            if std::time::Instant::now() >= deadline {
                 return Err(CgroupError::KillIncomplete {
                     path: self.primary_dir().to_path_buf(),
                     remaining: pids.len(),
@@ -1132,7 +1135,6 @@ impl ContainerCgroup {
             thread::sleep(pause);
             pause = (pause * 2).min(MAX_RETRY_PAUSE);
         }
-        Ok(())
     }
 
     /// Whether no process is left in the cgroup (true when it no longer exists). On v2 this is
