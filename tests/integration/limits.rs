@@ -13,7 +13,7 @@ fn fork_bomb_stops_at_the_pids_limit() {
         &data,
         "lim-forkbomb",
         &["--pids", "32", "--timeout", "3s"],
-        &["/bin/sh", "-c", "bomb() { bomb | bomb & }; bomb; sleep 10"],
+        &["/bin/sh", "-c", "bomb() { bomb | bomb & }; bomb; exec sleep 10"],
     );
     assert_eq!(outcome["pids_limit_hit"], true, "{outcome}");
     assert_eq!(outcome["status"], "timed_out", "{outcome}");

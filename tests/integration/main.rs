@@ -1,6 +1,7 @@
 //! Quilt's integration tests: real containers on a busybox rootfs, run as root.
 //! One binary (ripgrep style); one module per area.
 
+mod abuse;
 mod accounts;
 mod bad_input;
 mod broker;
@@ -8,9 +9,11 @@ mod bundle;
 mod cgroup_v2;
 mod cluster;
 mod control_api;
+mod cross_container;
 mod debian;
 mod deploy_units;
 mod environments;
+mod escapes;
 mod events;
 mod images;
 mod isolation;

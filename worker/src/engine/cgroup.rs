@@ -1039,6 +1039,11 @@ pub(crate) struct CgroupUsage {
     pub(crate) oom_kills: Option<u64>,
     /// Forks refused by the pids limit (`max` of `pids.events`).
     pub(crate) pids_limit_hit: Option<u64>,
+    /// CFS periods in which the CPU quota ran out (`nr_throttled` of `cpu.stat`, v1 and v2).
+    pub(crate) cpu_throttled_periods: Option<u64>,
+    /// Time spent throttled, nanoseconds (v1 `cpu.stat` throttled_time; v2 `cpu.stat`
+    /// throttled_usec * 1000).
+    pub(crate) cpu_throttled_ns: Option<u64>,
 }
 
 impl ContainerCgroup {
@@ -1157,30 +1162,45 @@ impl ContainerCgroup {
 
     /// Read before delete. cpu time in ns (v1 cpuacct.usage; v2 cpu.stat usage_usec*1000), peak
     /// memory bytes (v1 memory.max_usage_in_bytes; v2 memory.peak if present), oom kills (v1
-    /// memory.oom_control "oom_kill N"; v2 memory.events "oom_kill N"), and how often pids.max
-    /// was hit (pids.events "max N"). Missing controller files give None fields, not errors.
+    /// memory.oom_control "oom_kill N"; v2 memory.events "oom_kill N"), how often pids.max
+    /// was hit (pids.events "max N") and how often and how long the CPU quota throttled it
+    /// (cpu.stat "nr_throttled", and v1 "throttled_time" in ns or v2 "throttled_usec"; v2 has
+    /// them only where the cpu controller is enabled). Missing controller files give None
+    /// fields, not errors.
     pub(crate) fn usage(&self) -> CgroupUsage {
         match self.version {
             CgroupVersion::V1 => {
                 let cpuacct = self.dir_with(CgroupController::CpuAcct);
+                let cpu = self.dir_with(CgroupController::Cpu);
                 let memory = self.dir_with(CgroupController::Memory);
                 let pids = self.dir_with(CgroupController::Pids);
+                let cpu_stat = cpu.and_then(|dir| fs::read_to_string(dir.join("cpu.stat")).ok());
                 CgroupUsage {
                     cpu_ns: cpuacct.and_then(|dir| read_u64(&dir.join("cpuacct.usage"))),
                     peak_memory_bytes: memory
                         .and_then(|dir| read_u64(&dir.join("memory.max_usage_in_bytes"))),
                     oom_kills: memory.and_then(|dir| read_keyed(&dir.join("memory.oom_control"), "oom_kill")),
                     pids_limit_hit: pids.and_then(|dir| read_keyed(&dir.join("pids.events"), "max")),
+                    cpu_throttled_periods: cpu_stat
+                        .as_deref()
+                        .and_then(|text| flat_keyed_value(text, "nr_throttled")),
+                    cpu_throttled_ns: cpu_stat
+                        .as_deref()
+                        .and_then(|text| flat_keyed_value(text, "throttled_time")),
                 }
             }
             CgroupVersion::V2 => {
                 let dir = self.primary_dir();
+                let cpu_stat = fs::read_to_string(dir.join("cpu.stat")).ok();
+                let cpu_stat_value = |key| cpu_stat.as_deref().and_then(|text| flat_keyed_value(text, key));
                 CgroupUsage {
-                    cpu_ns: read_keyed(&dir.join("cpu.stat"), "usage_usec")
-                        .and_then(|micros| micros.checked_mul(1000)),
+                    cpu_ns: cpu_stat_value("usage_usec").and_then(|micros| micros.checked_mul(1000)),
                     peak_memory_bytes: read_u64(&dir.join("memory.peak")),
                     oom_kills: read_keyed(&dir.join("memory.events"), "oom_kill"),
                     pids_limit_hit: read_keyed(&dir.join("pids.events"), "max"),
+                    cpu_throttled_periods: cpu_stat_value("nr_throttled"),
+                    cpu_throttled_ns: cpu_stat_value("throttled_usec")
+                        .and_then(|micros| micros.checked_mul(1000)),
                 }
             }
         }
@@ -1713,6 +1733,8 @@ mod tests {
         assert!(usage.peak_memory_bytes.is_some(), "{usage:?}");
         assert_eq!(usage.oom_kills, Some(0));
         assert_eq!(usage.pids_limit_hit, Some(0));
+        assert_eq!(usage.cpu_throttled_periods, Some(0), "{usage:?}");
+        assert_eq!(usage.cpu_throttled_ns, Some(0), "{usage:?}");
 
         cgroup.delete().expect("delete");
         for path in &paths {

@@ -9,12 +9,17 @@
 //! only memory of the parent it writes besides that stack is the calling
 //! thread's errno, and that thread is suspended until the exec. It is a strictly ordered script; each step that
 //! can fail has a [`SetupStep`], and a failure is reported to the parent over
-//! a close-on-exec pipe as `(step, errno)` before the child exits. End of
-//! file on that pipe means the exec succeeded.
+//! a close-on-exec setup channel as `(step, errno)` before the child exits.
+//! End of file on that channel means the exec succeeded. The channel is a
+//! `SOCK_SEQPACKET` socket for a container (which also carries its
+//! filesystems' descriptors) and a pipe for a long-running container's launch.
 //!
 //! Order and why:
-//! 1. stdio onto 0-2, signals reset (Rust ignores SIGPIPE; a blocked mask
-//!    would survive exec), non-dumpable;
+//! 1. stdio onto 0-2, then every other descriptor closed but the setup
+//!    channel, the cgroup `tasks` files and an exec's pidfd (the runtime's
+//!    open directories must not be reachable through `/dev/fd/N` before
+//!    exec), signals reset (Rust ignores SIGPIPE; a blocked mask would
+//!    survive exec), non-dumpable;
 //! 2. cgroup v1: the child writes "0" to each hierarchy's `tasks` file
 //!    itself. Moving oneself by thread avoids the global threadgroup
 //!    rwsem (kernel/cgroup/cgroup.c, `cgroup_procs_write_start`), whose
@@ -25,6 +30,12 @@
 //!    private upper, on a tmpfs that exists only in this mount namespace or
 //!    in a directory on disk; or a read-only bind); then /proc, /dev (tmpfs with the
 //!    standard nodes), /dev/pts, /dev/shm, /dev/mqueue, /sys (read-only).
+//!    The scratch tmpfs and /dev/shm get a size and an inode bound
+//!    (`nr_inodes`); right after /dev/shm is mounted, an `O_PATH` descriptor
+//!    of each tmpfs root goes to the parent over the setup channel
+//!    (`SCM_RIGHTS`, see [`ChildPlan::report_filesystems`]), so that it can
+//!    fstatfs them after the container ended without ever resolving a path
+//!    inside it.
 //!    Every target inside the root is opened with openat2(RESOLVE_IN_ROOT |
 //!    RESOLVE_NO_SYMLINKS) and mounted onto that descriptor with move_mount,
 //!    so an image whose /proc or /dev is a symlink gets an error, never a
@@ -33,8 +44,9 @@
 //!    the 1:3 character device); read-only paths are rebound read-only;
 //! 4. hostname, loopback up;
 //! 5. pivot_root(".", ".") then a lazy unmount of the old root;
-//! 6. workdir: created, entered, and rejected if it lands on procfs
-//!    (CVE-2024-21626 leaked a host directory through the workdir);
+//! 6. workdir: created, entered, and rejected if it lands on procfs or
+//!    outside the root (getcwd says "(unreachable)"; CVE-2024-21626 leaked a
+//!    host directory through the workdir);
 //! 7. read-only root, rlimits, bounding set, groups/gid/uid (raw syscalls:
 //!    glibc's wrappers broadcast to threads that do not exist in this child),
 //!    capabilities, ambient set, no_new_privs;
@@ -138,6 +150,8 @@ pub enum SetupStep {
     ShimClone,
     /// Executing the shim of a long-running container.
     ShimExec,
+    /// Handing the scratch and /dev/shm descriptors to the runtime.
+    ReportFilesystems,
 }
 
 impl SetupStep {
@@ -184,6 +198,7 @@ impl SetupStep {
         SetupStep::ParentDeathSignal,
         SetupStep::ShimClone,
         SetupStep::ShimExec,
+        SetupStep::ReportFilesystems,
     ];
 
     /// Decode a step number from the report pipe.
@@ -238,12 +253,21 @@ impl SetupStep {
             SetupStep::ParentDeathSignal => "setting the parent death signal",
             SetupStep::ShimClone => "creating the container process from its shim",
             SetupStep::ShimExec => "executing the container's shim (quilt-shim)",
+            SetupStep::ReportFilesystems => "handing the scratch and /dev/shm descriptors to Quilt",
         }
     }
 }
 
 /// The report the child writes on failure: step and errno, native endian.
 pub(super) const REPORT_SIZE: usize = 8;
+
+/// The message that carries the container's in-memory filesystems to the
+/// runtime: this tag, then whether a scratch tmpfs descriptor and whether a
+/// /dev/shm descriptor follow (1 or 0 each), in that order in `SCM_RIGHTS`.
+/// Its length (4) tells it apart from a failure report ([`REPORT_SIZE`]).
+pub(super) const FILESYSTEMS_TAG: [u8; 2] = *b"FS";
+/// Length of the filesystems message.
+pub(super) const FILESYSTEMS_MESSAGE_SIZE: usize = 4;
 
 /// How the root filesystem gets mounted.
 pub(super) enum RootPlan {
@@ -268,6 +292,8 @@ pub(super) enum RootPlan {
 /// container's (private) mount namespace only.
 pub(super) struct MemoryScratch {
     size: CString,
+    /// `nr_inodes`: see [`super::spec::scratch_inodes`].
+    inodes: CString,
     mount_point: CString,
 }
 
@@ -282,6 +308,8 @@ pub(super) struct ChildPlan {
     pub(super) root_target: CString,
     pub(super) read_only_root: bool,
     pub(super) shm_size: CString,
+    /// `nr_inodes` of /dev/shm ([`super::spec::SHM_INODES`]).
+    pub(super) shm_inodes: CString,
     pub(super) hostname: CString,
     pub(super) loopback: bool,
     pub(super) workdir: CString,
@@ -300,6 +328,13 @@ pub(super) struct ChildPlan {
     /// container's first process, whose parent is its shim: without the
     /// shim nobody could record how it ended).
     pub(super) die_with_parent: bool,
+    /// Send an `O_PATH` descriptor of the scratch tmpfs root (when there is
+    /// one) and of /dev/shm's to the runtime over `report`, which must then
+    /// be a `SOCK_SEQPACKET` socket (a [`FILESYSTEMS_TAG`] message), as soon
+    /// as both are mounted: long before exec, so the command never holds
+    /// anything it could swap in. Off for a report pipe (long-running
+    /// containers) and for execs, which mount nothing.
+    pub(super) report_filesystems: bool,
     /// Owns the strings `argv` and `envp` point into.
     _strings: Vec<CString>,
 }
@@ -356,6 +391,7 @@ impl ChildPlan {
                 layer_dir: layer_dir.map(|dir| c_path(&dir)),
                 memory_scratch: paths.memory_scratch.as_ref().map(|(mount_point, size)| MemoryScratch {
                     size: c_string(size.to_string()),
+                    inodes: c_string(super::spec::scratch_inodes(*size).to_string()),
                     mount_point: c_path(mount_point),
                 }),
             }
@@ -385,6 +421,7 @@ impl ChildPlan {
             root_target: c_path(&paths.target),
             read_only_root: spec.root.read_only,
             shm_size: c_string(format!("{}", spec.limits.shm_bytes)),
+            shm_inodes: c_string(super::spec::SHM_INODES.to_string()),
             hostname: c_string(spec.hostname.as_bytes()),
             loopback: spec.network == super::spec::NetworkMode::None,
             workdir: c_string(spec.workdir.as_bytes()),
@@ -400,6 +437,7 @@ impl ChildPlan {
             argv,
             envp,
             die_with_parent: false,
+            report_filesystems: false,
             _strings: strings,
         }
     }
@@ -737,6 +775,7 @@ fn setup_and_exec(plan: &ChildPlan) -> StepResult {
     // SAFETY (all calls below): raw system calls on descriptors and C strings
     // the plan owns; none allocates or locks.
     stdio(plan)?;
+    close_unneeded_descriptors(plan).at(SetupStep::CloseDescriptors)?;
     reset_signals();
     // SAFETY: prctl with integer arguments.
     errno_of(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } as libc::c_long)
@@ -831,6 +870,48 @@ fn stdio(plan: &ChildPlan) -> StepResult {
         errno_of(unsafe { libc::dup2(*fd, target as RawFd) } as libc::c_long).at(SetupStep::Stdio)?;
     }
     Ok(())
+}
+
+/// Closes every descriptor above 2 that setup does not need, before anything
+/// resolves a path the task chose. The child starts with a copy of all the
+/// runtime's descriptors (image leases hold snapshot directories open, a v2
+/// cgroup directory is open for `CLONE_INTO_CGROUP`, a parent may leak
+/// more); close-on-exec only closes them at exec, and until then a workdir
+/// or a `PATH` entry of `/dev/fd/N/..` walks out of the root through one
+/// (the CVE-2024-21626 pattern). Kept: the report channel, the cgroup
+/// `tasks` files and an exec's pidfd, none of them a directory. No
+/// allocation: the kept numbers are sorted in a stack array and the gaps
+/// between them closed with close_range(2).
+fn close_unneeded_descriptors(plan: &ChildPlan) -> Result<(), Errno> {
+    const MAX_KEPT: usize = 16;
+    let mut kept = [0 as RawFd; MAX_KEPT];
+    let mut count = 0;
+    let join = match plan.root {
+        RootPlan::Join { pidfd } => Some(pidfd),
+        _ => None,
+    };
+    for fd in [plan.report].into_iter().chain(plan.cgroup_tasks.iter().copied()).chain(join) {
+        if fd > 2 && count < MAX_KEPT {
+            kept[count] = fd;
+            count += 1;
+        } else if fd > 2 {
+            // More than the plan can hold: keep everything rather than
+            // close one setup still needs (a bug upstream; setup fails
+            // closed anyway on the workdir check).
+            return Ok(());
+        }
+    }
+    let kept = &mut kept[..count];
+    kept.sort_unstable();
+    let mut first: u32 = 3;
+    for &fd in kept.iter() {
+        let fd = fd as u32;
+        if fd > first {
+            sys::close_range(first, fd - 1, 0)?;
+        }
+        first = first.max(fd + 1);
+    }
+    sys::close_range(first, u32::MAX, 0)
 }
 
 fn reset_signals() {
@@ -934,12 +1015,13 @@ fn mounts(plan: &ChildPlan) -> StepResult {
     } as libc::c_long)
     .at(SetupStep::MountPropagation)?;
 
+    let mut scratch_root = None;
     let root = match &plan.root {
         RootPlan::Overlay { options, layer_dir, memory_scratch } => {
             if let Some(scratch) = memory_scratch {
                 let tmpfs = new_mount(
                     c"tmpfs",
-                    &[(c"size", &scratch.size), (c"mode", c"0755")],
+                    &[(c"size", &scratch.size), (c"nr_inodes", &scratch.inodes), (c"mode", c"0755")],
                     sys::MOUNT_ATTR_NODEV,
                     SetupStep::Scratch,
                 )?;
@@ -947,6 +1029,9 @@ fn mounts(plan: &ChildPlan) -> StepResult {
                     sys::mkdirat(tmpfs.as_raw_fd(), name, 0o755).at(SetupStep::Scratch)?;
                 }
                 sys::move_mount_path(tmpfs.as_raw_fd(), &scratch.mount_point).at(SetupStep::Scratch)?;
+                if plan.report_filesystems {
+                    scratch_root = Some(filesystem_root(&tmpfs)?);
+                }
             }
             if let Some(dir) = layer_dir {
                 // SAFETY: dir is NUL-terminated.
@@ -1021,11 +1106,28 @@ fn mounts(plan: &ChildPlan) -> StepResult {
         .at(SetupStep::MountShm)?;
     let shm = new_mount(
         c"tmpfs",
-        &[(c"mode", c"1777"), (c"size", &plan.shm_size)],
+        &[(c"mode", c"1777"), (c"size", &plan.shm_size), (c"nr_inodes", &plan.shm_inodes)],
         NOSUID_NODEV_NOEXEC,
         SetupStep::MountShm,
     )?;
     sys::move_mount_fd(shm.as_raw_fd(), shm_target.as_raw_fd()).at(SetupStep::MountShm)?;
+    if plan.report_filesystems {
+        let shm_root = filesystem_root(&shm)?;
+        let mut message = [0u8; FILESYSTEMS_MESSAGE_SIZE];
+        message[..2].copy_from_slice(&FILESYSTEMS_TAG);
+        message[2] = u8::from(scratch_root.is_some());
+        message[3] = 1;
+        let mut descriptors = [shm_root.as_raw_fd(); 2];
+        let count = match &scratch_root {
+            Some(scratch) => {
+                descriptors[0] = scratch.as_raw_fd();
+                2
+            }
+            None => 1,
+        };
+        sys::send_with_descriptors(plan.report, &message, &descriptors[..count])
+            .at(SetupStep::ReportFilesystems)?;
+    }
 
     let mqueue_target = sys::openat2(dev_fd, c"mqueue", libc::O_PATH | libc::O_DIRECTORY, TARGET_RESOLVE)
         .at(SetupStep::MountMqueue)?;
@@ -1050,6 +1152,14 @@ fn mounts(plan: &ChildPlan) -> StepResult {
         errno_of(libc::chdir(c"/".as_ptr()) as libc::c_long).at(SetupStep::DetachOldRoot)?;
     }
     Ok(())
+}
+
+/// An `O_PATH` descriptor of the root of a freshly made mount, for the
+/// runtime: fstatfs works on it, and unlike the `fsmount` descriptor it
+/// carries no mount-ownership semantics across namespaces.
+fn filesystem_root(mount: &OwnedFd) -> Result<OwnedFd, (SetupStep, Errno)> {
+    sys::openat2(mount.as_raw_fd(), c".", libc::O_PATH | libc::O_DIRECTORY, TARGET_RESOLVE)
+        .at(SetupStep::ReportFilesystems)
 }
 
 fn mask_paths(root: RawFd) -> StepResult {
@@ -1151,6 +1261,16 @@ fn workdir(plan: &ChildPlan) -> StepResult {
     errno_of(unsafe { libc::statfs(c".".as_ptr(), &mut status) } as libc::c_long).at(SetupStep::Workdir)?;
     if status.f_type as libc::c_long == PROC_SUPER_MAGIC {
         return Err((SetupStep::WorkdirOnProc, Errno::EPERM));
+    }
+    // The working directory must be inside the root: for a directory it
+    // cannot reach from its root, getcwd(2) answers "(unreachable)/..."
+    // instead of an absolute path (runc's check for CVE-2024-21626).
+    let mut cwd = [0u8; PATH_BUFFER];
+    // SAFETY: cwd is a valid buffer of the given length.
+    let length = unsafe { libc::syscall(libc::SYS_getcwd, cwd.as_mut_ptr(), cwd.len()) };
+    errno_of(length).at(SetupStep::Workdir)?;
+    if cwd[0] != b'/' {
+        return Err((SetupStep::Workdir, Errno::EPERM));
     }
     Ok(())
 }

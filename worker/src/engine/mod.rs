@@ -28,6 +28,27 @@
 //! kills everything else in the pid namespace, daemonised grandchildren
 //! included, so nothing outlives a container.
 //!
+//! **Each limit a container runs into is named in its [`Outcome`].** From
+//! the cgroup, read before it is removed: OOM kills, forks refused at the
+//! pids limit, and the periods and time the CPU quota throttled it. From
+//! its in-memory filesystems: whether the scratch tmpfs (the writable root)
+//! and /dev/shm had no block, or no inode, left ([`Usage`]). Those tmpfs
+//! mounts exist only in the container's mount namespace and vanish with its
+//! pid 1, and resolving `/proc/<pid>/root/...` from the host would follow
+//! paths the container controls; instead the setup process opens an
+//! `O_PATH` descriptor of each tmpfs root right after mounting it (before
+//! pivot_root, long before exec) and sends both to the runtime with
+//! `SCM_RIGHTS` over its setup channel, a `SOCK_SEQPACKET` pair whose
+//! container end is close-on-exec: nothing the command does can reach that
+//! channel. [`Container::finish`] gives each descriptor to fstatfs only
+//! (never to a path lookup), then closes it before removing the cgroup, as
+//! it keeps the tmpfs and its cgroup-charged pages alive. "Full" means
+//! fewer than one free block, "inodes exhausted" no free inode, both as
+//! they are when the container ended: a task that fills its scratch and then
+//! deletes the file, or fills an unlinked file, is not named. Descriptor
+//! exhaustion (EMFILE at `RLIMIT_NOFILE`, 1024 soft / 4096 hard by default)
+//! is per process and leaves no trace outside it, so it is not named.
+//!
 //! Long-running containers ([`Engine::start_long_running`], see the
 //! `long_running` module) are started under a per-container shim so that
 //! they outlive the process that started them, and are found again with
@@ -67,14 +88,14 @@ pub use child::SetupStep;
 pub use long_running::{Adoption, LongRunning, LongRunningConfig, ProcessIdentity, RunEnd, RunIdentity};
 pub use output::{OutputFollower, StreamProgress};
 pub use spec::{
-    default_rlimits, parse_cpus, parse_duration, parse_size, validate_env_name, validate_id, ContainerSpec,
-    Limits, MachineSize, NetworkMode, Rlimit, RootSpec, Scratch, SpecError, User, MAX_PIDS, MAX_TIMEOUT,
-    MIN_MEMORY_BYTES,
+    default_rlimits, parse_cpus, parse_duration, parse_size, scratch_inodes, validate_env_name, validate_id,
+    ContainerSpec, Limits, MachineSize, NetworkMode, Rlimit, RootSpec, Scratch, SpecError, User, MAX_PIDS,
+    MAX_TIMEOUT, MIN_MEMORY_BYTES, MIN_SCRATCH_INODES, SCRATCH_BYTES_PER_INODE, SHM_INODES,
 };
 pub use sys::{set_parent_death_signal, take_inherited_fd};
 
 use cgroup::{AttachHandle, CgroupController, CgroupError, CgroupLimits, CgroupRoot, ContainerCgroup};
-use child::{ChildDescriptors, ChildPlan, RootPaths, REPORT_SIZE};
+use child::{ChildDescriptors, ChildPlan, RootPaths, FILESYSTEMS_MESSAGE_SIZE, FILESYSTEMS_TAG, REPORT_SIZE};
 use output::Capture;
 use seccomp::SeccompError;
 
@@ -344,6 +365,7 @@ impl Engine {
             disk_dir,
             cgroup: Some(cgroup),
             join,
+            filesystems: ContainerFilesystems::default(),
             process: None,
             stdout: None,
             stderr: None,
@@ -371,12 +393,24 @@ impl Engine {
             cgroup.delete()?;
         }
         let dir = self.shared.config.state_dir.join(id);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => found = true,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(EngineError::StateDirectory { path: dir, source }),
+        // A long-running container's shim outlives its first process by a
+        // moment: it records the exit (a file created, then renamed) in this
+        // directory, so a removal racing it can find a new entry
+        // (ENOTEMPTY). Retry for a bounded time; the shim exits right after.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => return Ok(true),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+                Err(error)
+                    if error.kind() == std::io::ErrorKind::DirectoryNotEmpty
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(source) => return Err(EngineError::StateDirectory { path: dir, source }),
+            }
         }
-        Ok(found)
     }
 
     /// Ids of containers that exist on this host (a cgroup under the
@@ -447,6 +481,8 @@ pub struct Container {
     cgroup: Option<ContainerCgroup>,
     /// For an exec: the pidfd of the running container's first process.
     join: Option<OwnedFd>,
+    /// Its scratch tmpfs and /dev/shm, as handed over by its setup process.
+    filesystems: ContainerFilesystems,
     process: Option<Process>,
     stdout: Option<Capture>,
     stderr: Option<Capture>,
@@ -455,7 +491,7 @@ pub struct Container {
     timed_out: bool,
     created_at: Instant,
     started_at: Option<Instant>,
-    /// When the command's exec was confirmed (end of file on the report pipe).
+    /// When the command's exec was confirmed (end of file on the setup channel).
     exec_at: Option<Instant>,
     exited_at: Option<Instant>,
 }
@@ -520,7 +556,7 @@ impl Container {
         let (stdin_read, stdin_write) = pipe()?;
         let (stdout_read, stdout_write) = pipe()?;
         let (stderr_read, stderr_write) = pipe()?;
-        let (report_read, report_write) = pipe()?;
+        let (report_read, report_write) = setup_channel()?;
         let (tasks, cgroup_dir) = if self.join.is_some() {
             (cgroup.attach_files()?, None)
         } else {
@@ -552,6 +588,7 @@ impl Container {
                 seccomp::sock_fprog(&self.engine.shared.seccomp).map_err(EngineError::Seccomp)?,
                 self.engine.shared.last_capability,
             );
+            plan.report_filesystems = self.join.is_none();
             match &self.join {
                 Some(target) => {
                     plan.root = child::RootPlan::Join { pidfd: target.as_raw_fd() };
@@ -588,7 +625,9 @@ impl Container {
             drop(stdin_write);
         }
 
-        match read_setup_report(report_read).await? {
+        let report = read_setup_channel(report_read).await?;
+        self.filesystems = report.filesystems;
+        match report.failure {
             None => {
                 self.exec_at = Some(Instant::now());
                 Ok(())
@@ -691,12 +730,21 @@ impl Container {
         let stdout = finish_stream(self.stdout.take()).await;
         let stderr = finish_stream(self.stderr.take()).await;
         let mut usage = Usage::default();
+        // Read, then closed, before the cgroup goes: the descriptors keep the
+        // tmpfs contents alive, and those pages are charged to the cgroup.
+        let scratch = self.filesystems.scratch.take().and_then(|fd| filesystem_fill(&fd));
+        let shm = self.filesystems.shm.take().and_then(|fd| filesystem_fill(&fd));
+        usage.scratch_full = scratch.is_some_and(|fill| fill.full);
+        usage.shm_full = shm.is_some_and(|fill| fill.full);
+        usage.inodes_exhausted = [scratch, shm].into_iter().flatten().any(|fill| fill.inodes_exhausted);
         let mut oom_killed = false;
         let mut pids_limit_hit = false;
         if let Some(cgroup) = self.cgroup.take() {
             let counters = cgroup.usage();
             usage.cpu_ns = counters.cpu_ns;
             usage.peak_memory_bytes = counters.peak_memory_bytes;
+            usage.cpu_throttled_periods = counters.cpu_throttled_periods;
+            usage.cpu_throttled_ns = counters.cpu_throttled_ns;
             oom_killed = counters.oom_kills.unwrap_or(0) > 0;
             pids_limit_hit = counters.pids_limit_hit.unwrap_or(0) > 0;
             cgroup.delete()?;
@@ -762,6 +810,111 @@ async fn read_setup_report(report_read: OwnedFd) -> Result<Option<EngineError>, 
     })
 }
 
+/// A connected `SOCK_SEQPACKET` pair for a setup process's reports (the
+/// runtime's end first): message boundaries keep a failure report and the
+/// filesystems message apart, and only a Unix socket carries descriptors.
+fn setup_channel() -> Result<(OwnedFd, OwnedFd), EngineError> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+        .map_err(EngineError::Pipe)
+}
+
+/// What a container's setup process said before its exec.
+#[derive(Default)]
+struct SetupReport {
+    /// The failed step, if one failed.
+    failure: Option<EngineError>,
+    /// Its in-memory filesystems, when it sent them.
+    filesystems: ContainerFilesystems,
+}
+
+/// Reads a setup channel ([`setup_channel`]) until end of file, which comes
+/// when the setup process's end closes on exec (or it exits): the
+/// filesystems message, if any, then a failure report, if any. Nothing the
+/// command does after exec can reach this channel.
+async fn read_setup_channel(channel: OwnedFd) -> Result<SetupReport, EngineError> {
+    let channel = sys::register_socket(channel).map_err(EngineError::Wait)?;
+    let mut report = SetupReport::default();
+    loop {
+        let mut guard = channel.readable().await.map_err(EngineError::Wait)?;
+        // One byte more than any valid message, so an oversized one shows.
+        let mut buffer = [0u8; REPORT_SIZE + 1];
+        let message = match sys::receive_with_descriptors(channel.get_ref().as_raw_fd(), &mut buffer) {
+            Ok(message) => message,
+            Err(Errno::EAGAIN) => {
+                guard.clear_ready();
+                continue;
+            }
+            Err(Errno::EINTR) => continue,
+            Err(errno) => return Err(EngineError::Wait(errno.into())),
+        };
+        let data = &buffer[..message.length.min(buffer.len())];
+        if message.truncated {
+            return Err(EngineError::SetupLost(format!("oversized report of {} bytes", message.length)));
+        }
+        match (data.len(), message.descriptors.len()) {
+            (0, 0) => return Ok(report),
+            (REPORT_SIZE, 0) => {
+                let code = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]);
+                let errno = i32::from_ne_bytes([data[4], data[5], data[6], data[7]]);
+                report.failure = Some(match SetupStep::from_code(code) {
+                    Some(step) => EngineError::Setup { step, errno: Errno::from_raw(errno) },
+                    None => EngineError::SetupLost(format!("unknown step {code}")),
+                });
+                return Ok(report);
+            }
+            (FILESYSTEMS_MESSAGE_SIZE, count)
+                if data[..2] == FILESYSTEMS_TAG
+                    && data[2] <= 1
+                    && data[3] <= 1
+                    && usize::from(data[2] + data[3]) == count =>
+            {
+                let mut descriptors = message.descriptors.into_iter();
+                report.filesystems = ContainerFilesystems {
+                    scratch: if data[2] == 1 { descriptors.next() } else { None },
+                    shm: if data[3] == 1 { descriptors.next() } else { None },
+                };
+            }
+            (length, count) => {
+                return Err(EngineError::SetupLost(format!(
+                    "unexpected report of {length} bytes and {count} descriptors"
+                )))
+            }
+        }
+    }
+}
+
+/// A container's in-memory filesystems: `O_PATH` descriptors of the roots of
+/// its scratch tmpfs and its /dev/shm, opened by its setup process right
+/// after mounting them and passed over the setup channel before exec. They
+/// are only ever given to fstatfs, never used to resolve a path: the files
+/// under them are the container's, and hostile.
+#[derive(Default)]
+struct ContainerFilesystems {
+    scratch: Option<OwnedFd>,
+    shm: Option<OwnedFd>,
+}
+
+/// How full one of those filesystems was.
+#[derive(Debug, Clone, Copy)]
+struct Fill {
+    /// Less than a block (a page, on tmpfs) left: a write got ENOSPC.
+    full: bool,
+    /// Not one inode left: creating a file got ENOSPC.
+    inodes_exhausted: bool,
+}
+
+/// fstatfs of a tmpfs root descriptor; `None` if the kernel refuses (then
+/// nothing is claimed).
+fn filesystem_fill(root: &OwnedFd) -> Option<Fill> {
+    let status = nix::sys::statfs::fstatfs(root).ok()?;
+    let block = status.block_size() as u64;
+    Some(Fill {
+        full: (status.blocks_free() as u64).saturating_mul(block) < block.max(1),
+        inodes_exhausted: status.files() as u64 > 0 && status.files_free() as u64 == 0,
+    })
+}
+
 async fn finish_stream(capture: Option<Capture>) -> Result<StreamOutcome, EngineError> {
     let Some(mut capture) = capture else {
         return Ok(StreamOutcome::default());
@@ -809,13 +962,28 @@ pub struct Timings {
     pub total_ms: f64,
 }
 
-/// Resource usage read from the cgroup.
+/// Resource usage, read from the cgroup and the container's in-memory
+/// filesystems after it ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Usage {
     /// CPU time of all processes, nanoseconds.
     pub cpu_ns: Option<u64>,
     /// Peak memory, bytes.
     pub peak_memory_bytes: Option<u64>,
+    /// CPU quota periods in which the container was throttled (`nr_throttled`
+    /// of the cgroup's `cpu.stat`); 0 without a quota.
+    pub cpu_throttled_periods: Option<u64>,
+    /// Time it spent throttled by the CPU quota, nanoseconds.
+    pub cpu_throttled_ns: Option<u64>,
+    /// The in-memory scratch layer had no block left when the container
+    /// ended (a write got ENOSPC). Always false for disk scratch and
+    /// read-only roots, which have no such layer.
+    pub scratch_full: bool,
+    /// /dev/shm had no block left when the container ended.
+    pub shm_full: bool,
+    /// The scratch layer or /dev/shm had no inode left when the container
+    /// ended (creating a file got ENOSPC).
+    pub inodes_exhausted: bool,
 }
 
 /// One captured stream.

@@ -26,6 +26,25 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Highest pids limit the kernel could honour (`/proc/sys/kernel/pid_max` cap).
 pub const MAX_PIDS: u64 = 4 * 1024 * 1024;
 
+/// Inodes (files, directories, links) `/dev/shm` holds: POSIX shared memory
+/// and semaphores are a handful of files; 4096 of them is 16 KiB of the
+/// default 64 MiB each. Creating one more fails with ENOSPC.
+pub const SHM_INODES: u64 = 4096;
+/// Bytes of in-memory scratch per inode it holds: one per 4 KiB page, as
+/// many files as the scratch could hold non-empty ones (65 536 at the default
+/// 256 MiB).
+pub const SCRATCH_BYTES_PER_INODE: u64 = 4096;
+/// Fewest inodes an in-memory scratch layer holds, however small.
+pub const MIN_SCRATCH_INODES: u64 = 4096;
+
+/// The `nr_inodes` bound of an in-memory scratch tmpfs of `size` bytes. A
+/// tmpfs without one allows about half the machine's pages in inodes: a task
+/// creating millions of empty files would then only stop at the memory limit
+/// (inodes are kernel memory charged to the container), slowly and unnamed.
+pub fn scratch_inodes(size: u64) -> u64 {
+    (size / SCRATCH_BYTES_PER_INODE).max(MIN_SCRATCH_INODES)
+}
+
 /// A container to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerSpec {
@@ -140,11 +159,13 @@ pub struct Limits {
     pub timeout: Option<Duration>,
     /// Bytes kept of each of stdout and stderr; the rest is counted and dropped.
     pub output_bytes: u64,
-    /// Size of the container's `/dev/shm` tmpfs.
+    /// Size of the container's `/dev/shm` tmpfs (which also holds at most
+    /// [`SHM_INODES`] inodes).
     pub shm_bytes: u64,
     /// Size of the in-memory scratch layer ([`Scratch::Memory`]). Its pages
     /// are charged to the container's memory cgroup, so the memory limit
-    /// caps it too, whichever is lower.
+    /// caps it too, whichever is lower. Its inodes are bounded by
+    /// [`scratch_inodes`] of that size.
     pub scratch_bytes: u64,
 }
 
@@ -507,6 +528,13 @@ mod tests {
     #[test]
     fn defaults_validate() {
         spec().validate(&machine()).unwrap();
+    }
+
+    #[test]
+    fn scratch_inodes_follow_its_size() {
+        assert_eq!(scratch_inodes(Limits::default().scratch_bytes), 65_536);
+        assert_eq!(scratch_inodes(1 << 20), MIN_SCRATCH_INODES);
+        assert_eq!(scratch_inodes(1 << 30), 262_144);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! neither libc nor nix wraps: clone3 (and a stack for glibc's clone with
 //! `CLONE_VM`), openat2, the new mount API (fsopen,
 //! fsconfig, fsmount, open_tree, move_mount, mount_setattr), pidfd calls,
-//! capset and close_range.
+//! capset, close_range, and descriptor passing (`SCM_RIGHTS`) over the setup
+//! channel.
 //!
 //! Every wrapper here is async-signal-safe: it allocates nothing, takes no
 //! lock and logs nothing, because most of them run in the container's setup
@@ -409,6 +410,123 @@ pub(super) fn register_pidfd(pidfd: OwnedFd) -> std::io::Result<tokio::io::unix:
     // SAFETY: the OwnedFd is a valid descriptor that the AsyncFd owns from
     // here on; nothing else closes or replaces it while it is registered.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
+}
+
+/// Most descriptors one message on a setup channel carries.
+pub(super) const MAX_PASSED_DESCRIPTORS: usize = 2;
+
+/// Room for one `SCM_RIGHTS` control message of up to [`MAX_PASSED_DESCRIPTORS`]
+/// descriptors (`CMSG_SPACE(8)` is 24 bytes on 64-bit Linux), aligned as `cmsghdr` needs.
+#[repr(C, align(8))]
+struct ControlBuffer([u8; 64]);
+
+/// sendmsg(2) of `data` with `descriptors` attached (`SCM_RIGHTS`) on a connected Unix
+/// socket, with `MSG_NOSIGNAL` (a vanished parent gives `EPIPE`, not a SIGPIPE that kills the
+/// setup process before it can report). Async-signal-safe: stack buffers only.
+pub(super) fn send_with_descriptors(socket: RawFd, data: &[u8], descriptors: &[RawFd]) -> Result<(), Errno> {
+    if descriptors.len() > MAX_PASSED_DESCRIPTORS {
+        return Err(Errno::EINVAL);
+    }
+    let mut control = ControlBuffer([0; 64]);
+    let payload = std::mem::size_of_val(descriptors) as libc::c_uint;
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+    // SAFETY: an all-zero msghdr is a valid empty header (on musl too, whose has padding fields).
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &mut iov;
+    header.msg_iovlen = 1;
+    if !descriptors.is_empty() {
+        header.msg_control = control.0.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE is arithmetic on its argument.
+        header.msg_controllen = unsafe { libc::CMSG_SPACE(payload) } as _;
+        // SAFETY: the header names a control buffer of msg_controllen bytes (<= 64, checked by
+        // the descriptor count above), so CMSG_FIRSTHDR returns a pointer into it, and
+        // CMSG_DATA leaves room for `payload` bytes after the cmsghdr.
+        unsafe {
+            let message = libc::CMSG_FIRSTHDR(&header);
+            (*message).cmsg_level = libc::SOL_SOCKET;
+            (*message).cmsg_type = libc::SCM_RIGHTS;
+            (*message).cmsg_len = libc::CMSG_LEN(payload) as _;
+            std::ptr::copy_nonoverlapping(
+                descriptors.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(message),
+                payload as usize,
+            );
+        }
+    }
+    loop {
+        // SAFETY: header points at iov, data and control, all alive for the call.
+        let sent = unsafe { libc::sendmsg(socket, &header, libc::MSG_NOSIGNAL) };
+        if sent < 0 {
+            let errno = Errno::last();
+            if errno == Errno::EINTR {
+                continue;
+            }
+            return Err(errno);
+        }
+        // A SOCK_SEQPACKET message goes whole or not at all.
+        return if sent as usize == data.len() { Ok(()) } else { Err(Errno::EMSGSIZE) };
+    }
+}
+
+/// One message read with [`receive_with_descriptors`].
+pub(super) struct ReceivedMessage {
+    /// Bytes of data placed in the buffer; 0 with no descriptors is end of file.
+    pub(super) length: usize,
+    /// Descriptors that came with it, close-on-exec, owned.
+    pub(super) descriptors: Vec<OwnedFd>,
+    /// The data or the control part did not fit (`MSG_TRUNC`, `MSG_CTRUNC`): whatever
+    /// arrived is in the other fields, the rest is lost.
+    pub(super) truncated: bool,
+}
+
+/// recvmsg(2) of one message with `MSG_DONTWAIT | MSG_CMSG_CLOEXEC`, taking ownership of
+/// every descriptor that came with it (also when the message was truncated, so none leaks).
+/// `EAGAIN` when nothing is queued. For the runtime (it allocates).
+pub(super) fn receive_with_descriptors(socket: RawFd, buffer: &mut [u8]) -> Result<ReceivedMessage, Errno> {
+    let mut control = ControlBuffer([0; 64]);
+    let mut iov = libc::iovec { iov_base: buffer.as_mut_ptr().cast(), iov_len: buffer.len() };
+    // SAFETY: an all-zero msghdr is a valid empty header.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &mut iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control.0.as_mut_ptr().cast();
+    header.msg_controllen = control.0.len() as _;
+    // SAFETY: header points at buffer (through iov) and control, both alive for the call and of
+    // the lengths given.
+    let received = unsafe { libc::recvmsg(socket, &mut header, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
+    if received < 0 {
+        return Err(Errno::last());
+    }
+    let mut descriptors = Vec::new();
+    // SAFETY: the kernel filled the control buffer and set msg_controllen to what it wrote;
+    // CMSG_FIRSTHDR/CMSG_NXTHDR walk only within it, and each SCM_RIGHTS message holds
+    // (cmsg_len - CMSG_LEN(0)) / sizeof(int) descriptors, read unaligned.
+    unsafe {
+        let mut message = libc::CMSG_FIRSTHDR(&header);
+        while !message.is_null() {
+            if (*message).cmsg_level == libc::SOL_SOCKET && (*message).cmsg_type == libc::SCM_RIGHTS {
+                let bytes = ((*message).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
+                let data = libc::CMSG_DATA(message).cast::<libc::c_int>();
+                for index in 0..bytes / std::mem::size_of::<libc::c_int>() {
+                    // The kernel installed this descriptor in our table for us alone.
+                    descriptors.push(OwnedFd::from_raw_fd(data.add(index).read_unaligned()));
+                }
+            }
+            message = libc::CMSG_NXTHDR(&header, message);
+        }
+    }
+    Ok(ReceivedMessage {
+        length: received as usize,
+        descriptors,
+        truncated: header.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0,
+    })
+}
+
+/// Register a socket with tokio's reactor to await incoming messages.
+pub(super) fn register_socket(socket: OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: as in `register_pidfd`: the AsyncFd owns the descriptor from here on.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
         .map_err(std::io::Error::from)
 }
 

@@ -55,7 +55,10 @@ pub struct ResultTimings {
     pub total_ms: f64,
 }
 
-/// Resources the container used, from its cgroup.
+/// Resources the container used, from its cgroup, and which of its limits
+/// it ran into. `cpu_throttled_periods`, `cpu_throttled_ns`, `scratch_full`,
+/// `shm_full` and `inodes_exhausted` came later: a result without them reads
+/// as `null` / `false`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResultUsage {
@@ -65,6 +68,25 @@ pub struct ResultUsage {
     pub peak_memory_bytes: Option<u64>,
     /// A fork failed on the pids limit.
     pub pids_limit_hit: bool,
+    /// CPU quota periods (100 ms each) in which the task was throttled
+    /// because it had used up its `cpus` share; 0 without a quota, `null`
+    /// where the host does not report it.
+    #[serde(default)]
+    pub cpu_throttled_periods: Option<u64>,
+    /// Total time the CPU quota held the task back, nanoseconds.
+    #[serde(default)]
+    pub cpu_throttled_ns: Option<u64>,
+    /// The in-memory scratch layer (the container's writable root) had no
+    /// space left when the task ended: a write failed with ENOSPC.
+    #[serde(default)]
+    pub scratch_full: bool,
+    /// `/dev/shm` had no space left when the task ended.
+    #[serde(default)]
+    pub shm_full: bool,
+    /// The scratch layer or `/dev/shm` had no inode left when the task
+    /// ended: creating a file failed with ENOSPC.
+    #[serde(default)]
+    pub inodes_exhausted: bool,
 }
 
 /// Why a task was rejected or could not run.
@@ -261,4 +283,33 @@ pub struct Progress {
     pub message: String,
     /// Milliseconds since the preparation began.
     pub elapsed_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A result written before the abuse fields existed still reads, with
+    /// nothing named; a current one keeps them.
+    #[test]
+    fn usage_without_the_later_fields_reads_as_nothing_named() {
+        let old: ResultUsage =
+            serde_json::from_str(r#"{"cpu_ns": 5, "peak_memory_bytes": null, "pids_limit_hit": true}"#)
+                .unwrap();
+        assert_eq!(
+            old,
+            ResultUsage { cpu_ns: Some(5), pids_limit_hit: true, ..ResultUsage::default() },
+            "{old:?}"
+        );
+        let current = ResultUsage {
+            cpu_throttled_periods: Some(7),
+            cpu_throttled_ns: Some(9),
+            scratch_full: true,
+            shm_full: true,
+            inodes_exhausted: true,
+            ..old
+        };
+        let text = serde_json::to_string(&current).unwrap();
+        assert_eq!(serde_json::from_str::<ResultUsage>(&text).unwrap(), current, "{text}");
+    }
 }
