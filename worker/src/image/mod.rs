@@ -19,6 +19,10 @@ pub use reference::{Reference, ReferenceError};
 pub use registry::PullOptions;
 pub use store::{ImageRecord, ImageStore, LayerRecord, Lease, PruneReport, RunConfig};
 pub use unpack::{Compression, UnpackError};
+// Reachable for the fuzz target worker/fuzz (layer_unpack), which unpacks
+// with small limits; not part of the supported API.
+#[doc(hidden)]
+pub use unpack::{unpack_layer, UnpackLimits, UnpackReport};
 
 /// Failures of the image store, named after the step that failed.
 #[derive(Debug, thiserror::Error)]

@@ -55,6 +55,10 @@
 //!
 //! - A port must fit in 16 bits, and a bracketed IPv6 host must be an address
 //!   (Docker's pattern takes any run of hex digits and colons, such as `[:::]`).
+//! - A host name is at most 253 characters, the DNS limit. Docker sets none;
+//!   without one, a near-4096-byte reference with a huge host was accepted
+//!   but its canonical form (with `:latest` added) was over the input limit
+//!   and did not parse back (found by the `image_reference` fuzz target).
 //! - Digests are `sha256` or `sha512`, the algorithms the OCI image
 //!   specification registers; Docker also takes `sha384`.
 //! - A first component with uppercase letters and no `.` or `:` (`Foo/bar`) is
@@ -85,6 +89,9 @@ const MAX_INPUT_BYTES: usize = 4096;
 const MAX_REPOSITORY_LENGTH: usize = 255;
 /// Longest tag, from distribution's tag grammar.
 const MAX_TAG_LENGTH: usize = 128;
+/// Longest registry host name: the DNS limit (RFC 1035 2.3.4, without the
+/// root label). It also keeps every canonical form far below [`MAX_INPUT_BYTES`].
+const MAX_HOST_LENGTH: usize = 253;
 /// Characters of offending text quoted in an error message.
 const QUOTE_LIMIT: usize = 80;
 
@@ -427,6 +434,13 @@ fn registry_problem(registry: &str) -> Option<String> {
 fn domain_name_problem(host: &str, registry: &str) -> Option<String> {
     // Inputs like "../x" or "my_host.io/x" are registries only by this rule, so the message says it.
     const WHY_A_REGISTRY: &str = "(a first path component holding '.' or ':' names a registry)";
+    if host.len() > MAX_HOST_LENGTH {
+        return Some(format!(
+            "{} has a host name of {} characters; the limit is {MAX_HOST_LENGTH}",
+            quote(registry),
+            host.len()
+        ));
+    }
     if let Some(character) = host.chars().find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))) {
         return Some(format!(
             "{} has {}; host names are letters, digits, '.' and '-' {WHY_A_REGISTRY}",
@@ -843,6 +857,28 @@ mod tests {
         assert_eq!(TAG_128.len(), MAX_TAG_LENGTH);
         let parsed = Reference::parse(&format!("img:{TAG_128}")).unwrap();
         assert_eq!(parsed.tag(), Some(TAG_128));
+    }
+
+    /// Found by the `image_reference` fuzz target: a 4089-character host
+    /// name with a one-letter path parsed, and its canonical form, 4098
+    /// bytes with `:latest`, was refused as too long.
+    #[test]
+    fn every_accepted_reference_has_a_canonical_form_that_parses() {
+        let huge_host = ["a"; 2045].join(".");
+        let error = Reference::parse(&format!("{huge_host}/x")).unwrap_err();
+        assert!(registry(&error), "{error:?}");
+        assert!(error.to_string().contains("host name of 4089 characters; the limit is 253"), "{error}");
+
+        // The longest reference of each part still round-trips.
+        let host = format!("{}.{}", "h".repeat(63), ["a"; 95].join("."));
+        assert_eq!(host.len(), MAX_HOST_LENGTH);
+        let path = format!("{}/{}", "p".repeat(127), "q".repeat(127));
+        let longest = format!("{host}:65535/{path}:{TAG_128}@{}", sha512!());
+        let parsed = Reference::parse(&longest).unwrap();
+        assert_eq!(parsed.to_string(), longest);
+        assert_eq!(Reference::parse(&parsed.to_string()), Ok(parsed));
+        let error = Reference::parse(&format!("a{host}/x")).unwrap_err();
+        assert!(registry(&error), "{error:?}");
     }
 
     #[test]

@@ -144,13 +144,13 @@ impl Compression {
 
 /// Caps on what one layer may put on disk.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct UnpackLimits {
+pub struct UnpackLimits {
     /// Largest size of one entry, as declared and as read.
-    pub(crate) max_file_bytes: u64,
+    pub max_file_bytes: u64,
     /// Largest sum of declared entry sizes and extension headers.
-    pub(crate) max_total_bytes: u64,
+    pub max_total_bytes: u64,
     /// Most entries (members and global PAX headers) in the layer.
-    pub(crate) max_entries: u64,
+    pub max_entries: u64,
 }
 
 impl Default for UnpackLimits {
@@ -162,7 +162,7 @@ impl Default for UnpackLimits {
 
 /// What an unpacked layer contained.
 #[derive(Debug, Clone)]
-pub(crate) struct UnpackReport {
+pub struct UnpackReport {
     /// Entries processed (members and global PAX headers).
     pub(crate) entries: u64,
     /// Bytes of regular-file content written.
@@ -416,7 +416,7 @@ pub enum UnpackError {
 /// Nothing outside `target` is created, changed or removed, whatever the
 /// layer contains. On error `target` may hold part of the layer; the caller
 /// removes it.
-pub(crate) fn unpack_layer(
+pub fn unpack_layer(
     reader: impl Read,
     compression: Compression,
     target: &Path,
@@ -1378,7 +1378,9 @@ impl Unpacker {
                         OFlag::O_PATH | OFlag::O_DIRECTORY,
                     ) {
                         Ok(parent) => parent,
-                        Err(Errno::ENOENT | Errno::ENOTDIR) => continue,
+                        // A later entry replaced a parent: gone, not a
+                        // directory, or a symlink loop (`a/a/` then `a -> a/a`).
+                        Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => continue,
                         Err(source) => return Err(UnpackError::ResolveParent { path, source }),
                     };
                     openat(
@@ -2230,5 +2232,17 @@ mod tests {
         let keep = std::fs::metadata(sandbox.path("keep")).unwrap();
         assert_eq!(keep.mode() & 0o7777, 0o700);
         assert_eq!(std::fs::read(sandbox.path("keep/child")).unwrap(), b"child");
+    }
+
+    /// Found by the `layer_unpack` fuzz target: a later entry turned the
+    /// parent of an earlier directory into a symlink loop, and the final
+    /// pass that sets directory mtimes failed with ELOOP, refusing a layer
+    /// that Docker unpacks.
+    #[test]
+    fn a_symlink_loop_over_an_earlier_directory_is_not_an_error() {
+        let sandbox = Sandbox::new();
+        let layer = Layer::new().dir("a/a/", 0o755).symlink("a", "a/a").finish();
+        sandbox.unpack(&layer, &UnpackLimits::default()).unwrap();
+        assert_eq!(std::fs::read_link(sandbox.path("a")).unwrap(), Path::new("a/a"));
     }
 }

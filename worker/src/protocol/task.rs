@@ -301,10 +301,16 @@ impl Task {
             if !cpus.is_finite() || cpus <= 0.0 {
                 return Err(TaskError::new("limits.cpus", "must be a positive number"));
             }
+            if !reads_back_exactly(cpus) {
+                return Err(TaskError::new("limits.cpus", INEXACT_NUMBER));
+            }
         }
         if let Some(timeout) = self.limits.timeout_s {
             if !timeout.is_finite() || timeout <= 0.0 {
                 return Err(TaskError::new("limits.timeout_s", "must be a positive number of seconds"));
+            }
+            if !reads_back_exactly(timeout) {
+                return Err(TaskError::new("limits.timeout_s", INEXACT_NUMBER));
             }
         }
         for (field, value) in [
@@ -388,6 +394,18 @@ impl Task {
     }
 }
 
+const INEXACT_NUMBER: &str =
+    "must be a number JSON reads back exactly: at most 15 significant digits, exponent within ±22";
+
+/// True when `value` written as JSON reads back as the same number.
+/// serde_json without its `float_roundtrip` feature reads some numbers one
+/// bit off (`1e-25` becomes 9.999999999999999e-26, which prints and reads
+/// back as 1e-25), so a task republished by the CLI or by a long-running
+/// container's restart would change. Found by the `task_decoder` fuzz target.
+fn reads_back_exactly(value: f64) -> bool {
+    serde_json::to_string(&value).ok().and_then(|text| serde_json::from_str::<f64>(&text).ok()) == Some(value)
+}
+
 /// A task id must be a plain NATS subject token.
 pub fn validate_task_id(id: &str) -> Result<(), TaskError> {
     let ok = !id.is_empty()
@@ -466,6 +484,24 @@ mod tests {
         }
         let error = parse_task(br#"{"image": "b", "colour": 1}"#).unwrap_err();
         assert!(error.message.contains("unknown field `colour`"), "{error}");
+    }
+
+    /// Found by the `task_decoder` fuzz target: this task parsed, but
+    /// serialising and parsing it again changed `cpus` by one bit.
+    #[test]
+    fn accepted_float_limits_survive_serialise_and_parse() {
+        let error = parse_task(br#"{"image": "c", "limits": {"cpus": 1e-25}}"#).unwrap_err();
+        assert_eq!((error.field.as_str(), error.message.as_str()), ("limits.cpus", INEXACT_NUMBER));
+        let error = parse_task(br#"{"image": "c", "limits": {"timeout_s": 1e-25}}"#).unwrap_err();
+        assert_eq!(error.field, "limits.timeout_s");
+        for text in [
+            &br#"{"image": "c", "limits": {"cpus": 0.5, "timeout_s": 1e300}}"#[..],
+            br#"{"image": "c", "limits": {"cpus": 0.001, "timeout_s": 86400.25}}"#,
+            br#"{"image": "c", "limits": {"cpus": 123456789012345, "timeout_s": 1.5e-22}}"#,
+        ] {
+            let task = parse_task(text).unwrap();
+            assert_eq!(parse_task(&serde_json::to_vec(&task).unwrap()).unwrap(), task);
+        }
     }
 
     #[test]
