@@ -94,12 +94,12 @@ async fn a_three_node_cluster_replicates_spreads_tasks_and_survives_a_node() {
 
     // One node dies while tasks flow: nothing is lost, each is answered once.
     for index in 20..30 {
-        agent.submit(&task(&format!("cl-{index}"), &["sh", "-c", "sleep 0.2; echo done"])).await;
+        agent.submit_retrying(&task(&format!("cl-{index}"), &["sh", "-c", "sleep 0.2; echo done"])).await;
     }
     let killed = nodes.remove(0);
     drop(killed);
     for index in 30..40 {
-        agent.submit(&task(&format!("cl-{index}"), &["sh", "-c", "echo done"])).await;
+        agent.submit_retrying(&task(&format!("cl-{index}"), &["sh", "-c", "echo done"])).await;
     }
     for index in 20..40 {
         let result = agent.result(&format!("cl-{index}"), BOUND).await;

@@ -130,7 +130,9 @@ async fn results(agent: &Agent, ids: &[String]) -> Vec<Value> {
 async fn submit_batch(agent: &Agent, prefix: &str, count: usize, command: &str) -> Vec<String> {
     let mut ids = Vec::new();
     for index in 0..count {
-        ids.push(agent.submit(&task(&format!("{prefix}-{index}"), &["sh", "-c", command])).await);
+        // Retried on a missing PubAck (a NATS node dies in this test): the
+        // same message id makes a second copy a duplicate.
+        ids.push(agent.submit_retrying(&task(&format!("{prefix}-{index}"), &["sh", "-c", command])).await);
     }
     ids
 }

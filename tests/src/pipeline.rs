@@ -343,6 +343,24 @@ impl Agent {
         id
     }
 
+    /// [`Agent::submit`] as an agent must do it while a cluster node fails:
+    /// a publish whose PubAck does not come (the stream's leader died with
+    /// it) is sent again with the same message id, which the stream drops if
+    /// the first one was stored. Bounded by [`BOUND`].
+    pub async fn submit_retrying(&self, task: &Value) -> String {
+        let id = task["id"].as_str().expect("tasks in tests carry an id").to_owned();
+        let deadline = Instant::now() + BOUND;
+        loop {
+            match self.submit_raw(serde_json::to_vec(task).unwrap(), Some(&id)).await {
+                Ok(_) => return id,
+                Err(error) => {
+                    assert!(Instant::now() < deadline, "publishing {id}: {error}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
     /// Publishes raw bytes on `quilt.tasks`, optionally with a message id;
     /// returns whether the stream called it a duplicate, or the publish error.
     pub async fn submit_raw(&self, payload: Vec<u8>, message_id: Option<&str>) -> Result<bool, String> {
