@@ -6,6 +6,10 @@
 //!
 //! Every container runs with a `--timeout` (or a task `timeout_s`), so every
 //! run is bounded even if a limit were missing.
+//!
+//! Each test runs again as `..._in_a_user_namespace`, in user-namespace
+//! mode ([`Mode::UserNamespace`]), with the same expectations; one of its
+//! containers shows its uid map, which proves the mode.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,12 +17,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quilt_tests::pipeline::{assert_worker_left_nothing, task, Agent, Setup, Worker, BOUND};
-use quilt_tests::{assert_nothing_left, cgroup_dirs, processes_matching, quilt_run_json, TestDir};
+use quilt_tests::{
+    assert_nothing_left, cgroup_dirs, processes_matching, quilt_run_json_in, Mode, TestDir, SHOW_UID_MAP,
+};
 use serde_json::{json, Value};
 
-/// Runs `quilt run --local --json` on a thread while `sample` is called every
-/// 20 ms on this one; returns the exit code, the outcome and every sample.
+/// Runs `quilt run --local --json` in `mode` on a thread while `sample` is
+/// called every 20 ms on this one; returns the exit code, the outcome and
+/// every sample.
 fn run_sampling<T>(
+    mode: Mode,
     data: &TestDir,
     id: &str,
     flags: &[&str],
@@ -29,7 +37,7 @@ fn run_sampling<T>(
     let (code, outcome, samples) = std::thread::scope(|scope| {
         let finished = Arc::clone(&done);
         let runner = scope.spawn(move || {
-            let result = quilt_run_json(data, id, flags, command);
+            let result = quilt_run_json_in(mode, data, id, flags, command);
             finished.store(true, Ordering::SeqCst);
             result
         });
@@ -80,14 +88,27 @@ fn named(outcome: &Value) -> Value {
 
 #[test]
 fn a_quiet_container_names_no_abuse() {
-    let data = TestDir::new("abuse-quiet");
-    let (code, outcome) = quilt_run_json(
+    a_quiet_container_names_no_abuse_in(Mode::Host);
+}
+
+#[test]
+fn a_quiet_container_names_no_abuse_in_a_user_namespace() {
+    a_quiet_container_names_no_abuse_in(Mode::UserNamespace);
+}
+
+fn a_quiet_container_names_no_abuse_in(mode: Mode) {
+    let id = mode.name("abuse-quiet");
+    let data = TestDir::new(&id);
+    let script = format!("echo data > /tmp/file; echo shm > /dev/shm/file; cat /tmp/file; {SHOW_UID_MAP}");
+    let (code, outcome) = quilt_run_json_in(
+        mode,
         &data,
-        "abuse-quiet",
+        &id,
         &["--cpus", "0.5", "--timeout", "20s"],
-        &["/bin/sh", "-c", "echo data > /tmp/file; echo shm > /dev/shm/file; cat /tmp/file"],
+        &["/bin/sh", "-c", &script],
     );
     assert_eq!(code, 0, "{outcome}");
+    mode.assert_in_effect(outcome["stdout"]["text"].as_str().unwrap());
     assert_eq!(
         named(&outcome),
         json!({
@@ -102,29 +123,40 @@ fn a_quiet_container_names_no_abuse() {
         "{outcome}"
     );
     assert_eq!(outcome["usage"]["cpu_throttled_ns"], 0, "{outcome}");
-    assert_nothing_left(&data, "quilt", "abuse-quiet");
+    assert_nothing_left(&data, "quilt", &id);
 }
 
 #[test]
 fn fork_bomb_stops_at_the_pids_limit_and_the_host_recovers() {
-    let data = TestDir::new("abuse-forkbomb");
-    let id = "abuse-forkbomb";
-    // Unique text in every bomb process's command line (forks keep it).
-    let marker = "abuse_forkbomb_1f3a";
+    fork_bomb_stops_at_the_pids_limit_and_the_host_recovers_in(Mode::Host);
+}
+
+#[test]
+fn fork_bomb_stops_at_the_pids_limit_and_the_host_recovers_in_a_user_namespace() {
+    fork_bomb_stops_at_the_pids_limit_and_the_host_recovers_in(Mode::UserNamespace);
+}
+
+fn fork_bomb_stops_at_the_pids_limit_and_the_host_recovers_in(mode: Mode) {
+    let id = &mode.name("abuse-forkbomb");
+    let data = TestDir::new(id);
+    // Unique text in every bomb process's command line (forks keep it),
+    // a shell function name; neither mode's is part of the other's.
+    let marker = &format!("abuse_forkbomb_1f3a_{mode:?}");
     // pid 1 becomes `sleep` without forking: once the bomb holds every pid,
     // a fork of its own would fail and end the container early.
-    let script = format!("{marker}() {{ {marker} | {marker} & }}; {marker}; exec sleep 10");
+    let script = format!("{SHOW_UID_MAP}; {marker}() {{ {marker} | {marker} & }}; {marker}; exec sleep 10");
     let baseline = host_process_count();
-    let (code, outcome, samples) =
-        run_sampling(&data, id, &["--pids", "32", "--timeout", "3s"], &["/bin/sh", "-c", &script], || {
-            let in_cgroup = pids_cgroup(id)
-                .and_then(|dir| std::fs::read_to_string(dir.join("pids.current")).ok())
-                .and_then(|text| text.trim().parse::<u64>().ok());
-            (in_cgroup, host_process_count())
-        });
+    let flags = ["--pids", "32", "--timeout", "3s"];
+    let (code, outcome, samples) = run_sampling(mode, &data, id, &flags, &["/bin/sh", "-c", &script], || {
+        let in_cgroup = pids_cgroup(id)
+            .and_then(|dir| std::fs::read_to_string(dir.join("pids.current")).ok())
+            .and_then(|text| text.trim().parse::<u64>().ok());
+        (in_cgroup, host_process_count())
+    });
     assert_eq!(outcome["pids_limit_hit"], true, "{outcome}");
     assert_eq!(outcome["status"], "timed_out", "{outcome}");
     assert_eq!(code, 124);
+    mode.assert_in_effect(outcome["stdout"]["text"].as_str().unwrap());
     let most_in_cgroup = samples.iter().filter_map(|(count, _)| *count).max();
     assert!(matches!(most_in_cgroup, Some(1..=32)), "pids.current peaked at {most_in_cgroup:?}");
     // Once the container is gone, so is every bomb process, and the host's
@@ -146,29 +178,55 @@ fn fork_bomb_stops_at_the_pids_limit_and_the_host_recovers() {
 
 #[test]
 fn memory_bomb_across_processes_is_oom_killed() {
-    let data = TestDir::new("abuse-membomb");
+    memory_bomb_across_processes_is_oom_killed_in(Mode::Host);
+}
+
+#[test]
+fn memory_bomb_across_processes_is_oom_killed_in_a_user_namespace() {
+    memory_bomb_across_processes_is_oom_killed_in(Mode::UserNamespace);
+}
+
+fn memory_bomb_across_processes_is_oom_killed_in(mode: Mode) {
+    let id = mode.name("abuse-membomb");
+    let data = TestDir::new(&id);
     // Four shells each doubling a string until memory runs out.
-    let (code, outcome) = quilt_run_json(
+    let script = format!("{SHOW_UID_MAP}; for i in 1 2 3 4; do (x=a; while :; do x=$x$x; done) & done; wait");
+    let (code, outcome) = quilt_run_json_in(
+        mode,
         &data,
-        "abuse-membomb",
+        &id,
         &["--memory", "64M", "--timeout", "20s"],
-        &["/bin/sh", "-c", "for i in 1 2 3 4; do (x=a; while :; do x=$x$x; done) & done; wait"],
+        &["/bin/sh", "-c", &script],
     );
     assert_eq!(outcome["status"], "oom_killed", "{outcome}");
+    mode.assert_in_effect(outcome["stdout"]["text"].as_str().unwrap());
     assert_eq!(outcome["oom_killed"], true);
     assert_eq!(code, 123);
     let peak = outcome["usage"]["peak_memory_bytes"].as_u64().unwrap();
     assert!(peak <= 65 << 20, "peak {peak} above the 64 MiB limit");
-    assert_nothing_left(&data, "quilt", "abuse-membomb");
+    assert_nothing_left(&data, "quilt", &id);
 }
 
 #[test]
 fn cpu_spin_is_held_to_its_quota_and_named() {
-    let data = TestDir::new("abuse-cpu");
+    cpu_spin_is_held_to_its_quota_and_named_in(Mode::Host);
+}
+
+#[test]
+fn cpu_spin_is_held_to_its_quota_and_named_in_a_user_namespace() {
+    cpu_spin_is_held_to_its_quota_and_named_in(Mode::UserNamespace);
+}
+
+fn cpu_spin_is_held_to_its_quota_and_named_in(mode: Mode) {
+    let id = mode.name("abuse-cpu");
+    let free_id = mode.name("abuse-cpu-free");
+    let data = TestDir::new(&id);
     // Two spinners want two CPUs; the quota gives them half of one.
-    let spin = ["/bin/sh", "-c", "while :; do :; done & while :; do :; done"];
-    let (_, outcome) = quilt_run_json(&data, "abuse-cpu", &["--cpus", "0.5", "--timeout", "3s"], &spin);
+    let script = format!("{SHOW_UID_MAP}; while :; do :; done & while :; do :; done");
+    let spin = ["/bin/sh", "-c", &script];
+    let (_, outcome) = quilt_run_json_in(mode, &data, &id, &["--cpus", "0.5", "--timeout", "3s"], &spin);
     assert_eq!(outcome["status"], "timed_out", "{outcome}");
+    mode.assert_in_effect(outcome["stdout"]["text"].as_str().unwrap());
     let cpu_s = outcome["usage"]["cpu_ns"].as_u64().unwrap() as f64 / 1e9;
     let wall_s = outcome["timings"]["run_ms"].as_f64().unwrap() / 1e3;
     // At most its quota (plus one period of slack); at least a fair part of
@@ -183,32 +241,42 @@ fn cpu_spin_is_held_to_its_quota_and_named() {
     assert!(throttled_ns > 0, "{outcome}");
 
     // The same spin without a quota is never throttled.
-    let (_, free) = quilt_run_json(&data, "abuse-cpu-free", &["--timeout", "1s"], &spin);
+    let (_, free) = quilt_run_json_in(mode, &data, &free_id, &["--timeout", "1s"], &spin);
     assert_eq!(free["usage"]["cpu_throttled_periods"], 0, "{free}");
     assert_eq!(free["usage"]["cpu_throttled_ns"], 0, "{free}");
-    for id in ["abuse-cpu", "abuse-cpu-free"] {
-        assert_nothing_left(&data, "quilt", id);
+    for id in [id, free_id] {
+        assert_nothing_left(&data, "quilt", &id);
     }
 }
 
 #[test]
 fn disk_fill_stops_at_the_scratch_size_off_the_host_disk_and_is_named() {
-    let data = TestDir::new("abuse-disk");
+    disk_fill_stops_at_the_scratch_size_off_the_host_disk_and_is_named_in(Mode::Host);
+}
+
+#[test]
+fn disk_fill_stops_at_the_scratch_size_off_the_host_disk_and_is_named_in_a_user_namespace() {
+    disk_fill_stops_at_the_scratch_size_off_the_host_disk_and_is_named_in(Mode::UserNamespace);
+}
+
+fn disk_fill_stops_at_the_scratch_size_off_the_host_disk_and_is_named_in(mode: Mode) {
+    let id = mode.name("abuse-disk");
+    let data = TestDir::new(&id);
     let host_paths = [data.path.clone(), PathBuf::from("/")];
     let before: Vec<u64> = host_paths.iter().map(|path| free_bytes(path)).collect();
     // The default scratch (in memory, 256 MiB): write 400 MiB, then hold the
     // full scratch for a moment so the host's free space is sampled with it.
-    let (code, outcome, samples) = run_sampling(
-        &data,
-        "abuse-disk",
-        &["--timeout", "30s"],
-        &["/bin/sh", "-c", "dd if=/dev/zero of=/fill bs=1M count=400; echo dd=$?; ls -l /fill; sleep 1"],
-        || host_paths.iter().map(|path| free_bytes(path)).collect::<Vec<u64>>(),
-    );
+    let script =
+        format!("dd if=/dev/zero of=/fill bs=1M count=400; echo dd=$?; ls -l /fill; sleep 1; {SHOW_UID_MAP}");
+    let (code, outcome, samples) =
+        run_sampling(mode, &data, &id, &["--timeout", "30s"], &["/bin/sh", "-c", &script], || {
+            host_paths.iter().map(|path| free_bytes(path)).collect::<Vec<u64>>()
+        });
     assert_eq!(code, 0, "{outcome}");
     let stderr = outcome["stderr"]["text"].as_str().unwrap();
     assert!(stderr.contains("No space left on device"), "{outcome}");
     let stdout = outcome["stdout"]["text"].as_str().unwrap();
+    mode.assert_in_effect(stdout);
     // busybox dd reports ENOSPC on stderr and exits 1; the file holds what
     // fitted: the 256 MiB scratch less the few pages its directories use.
     assert!(stdout.contains("dd=1"), "{outcome}");
@@ -224,26 +292,35 @@ fn disk_fill_stops_at_the_scratch_size_off_the_host_disk_and_is_named() {
         let drop = before[index].saturating_sub(lowest);
         assert!(drop < 128 << 20, "{} lost {drop} bytes of free space during the fill", path.display());
     }
-    assert_nothing_left(&data, "quilt", "abuse-disk");
+    assert_nothing_left(&data, "quilt", &id);
 }
 
 #[test]
 fn shm_fill_stops_at_64_mib_and_is_named() {
-    let data = TestDir::new("abuse-shm");
-    let (code, outcome) = quilt_run_json(
-        &data,
-        "abuse-shm",
-        &["--timeout", "20s"],
-        &["/bin/sh", "-c", "dd if=/dev/zero of=/dev/shm/fill bs=1M count=100; ls -l /dev/shm/fill"],
-    );
+    shm_fill_stops_at_64_mib_and_is_named_in(Mode::Host);
+}
+
+#[test]
+fn shm_fill_stops_at_64_mib_and_is_named_in_a_user_namespace() {
+    shm_fill_stops_at_64_mib_and_is_named_in(Mode::UserNamespace);
+}
+
+fn shm_fill_stops_at_64_mib_and_is_named_in(mode: Mode) {
+    let id = mode.name("abuse-shm");
+    let data = TestDir::new(&id);
+    let script =
+        format!("dd if=/dev/zero of=/dev/shm/fill bs=1M count=100; ls -l /dev/shm/fill; {SHOW_UID_MAP}");
+    let (code, outcome) =
+        quilt_run_json_in(mode, &data, &id, &["--timeout", "20s"], &["/bin/sh", "-c", &script]);
     assert_eq!(code, 0, "{outcome}");
     assert!(outcome["stderr"]["text"].as_str().unwrap().contains("No space left on device"), "{outcome}");
     let stdout = outcome["stdout"]["text"].as_str().unwrap();
+    mode.assert_in_effect(stdout);
     let size: u64 = stdout.split_whitespace().nth(4).and_then(|field| field.parse().ok()).unwrap();
     assert_eq!(size, 64 << 20, "{outcome}");
     assert_eq!(outcome["usage"]["shm_full"], true, "{outcome}");
     assert_eq!(outcome["usage"]["scratch_full"], false, "{outcome}");
-    assert_nothing_left(&data, "quilt", "abuse-shm");
+    assert_nothing_left(&data, "quilt", &id);
 }
 
 /// A script that creates empty files in `dir` until that fails, then
@@ -255,26 +332,36 @@ fn create_files_until_failure(dir: &str) -> String {
 
 #[test]
 fn file_creation_stops_at_the_inode_bound_and_is_named() {
-    let data = TestDir::new("abuse-inodes");
+    file_creation_stops_at_the_inode_bound_and_is_named_in(Mode::Host);
+}
+
+#[test]
+fn file_creation_stops_at_the_inode_bound_and_is_named_in_a_user_namespace() {
+    file_creation_stops_at_the_inode_bound_and_is_named_in(Mode::UserNamespace);
+}
+
+fn file_creation_stops_at_the_inode_bound_and_is_named_in(mode: Mode) {
+    let (id, shm_id) = (mode.name("abuse-inodes"), mode.name("abuse-inodes-shm"));
+    let data = TestDir::new(&id);
     // Default scratch: 65 536 inodes, a few of them the overlay's own.
-    let (code, outcome) = quilt_run_json(
-        &data,
-        "abuse-inodes",
-        &["--timeout", "60s"],
-        &["/bin/sh", "-c", &create_files_until_failure("/tmp")],
-    );
+    let script = format!("{SHOW_UID_MAP}; {}", create_files_until_failure("/tmp"));
+    let (code, outcome) =
+        quilt_run_json_in(mode, &data, &id, &["--timeout", "60s"], &["/bin/sh", "-c", &script]);
     assert_eq!(code, 0, "{outcome}");
     assert_eq!(quilt::engine::scratch_inodes(256 << 20), 65_536);
-    let made: u64 = outcome["stdout"]["text"].as_str().unwrap().trim().parse().unwrap();
+    let stdout = outcome["stdout"]["text"].as_str().unwrap();
+    mode.assert_in_effect(stdout);
+    let made: u64 = stdout.lines().last().unwrap().parse().unwrap();
     assert!((65_500..65_536).contains(&made), "{made} files: {outcome}");
     assert!(outcome["stderr"]["text"].as_str().unwrap().contains("No space left on device"), "{outcome}");
     assert_eq!(outcome["usage"]["inodes_exhausted"], true, "{outcome}");
     assert_eq!(outcome["usage"]["scratch_full"], false, "empty files take no blocks: {outcome}");
 
     // /dev/shm: 4096 inodes, its root directory one of them.
-    let (code, outcome) = quilt_run_json(
+    let (code, outcome) = quilt_run_json_in(
+        mode,
         &data,
-        "abuse-inodes-shm",
+        &shm_id,
         &["--timeout", "20s"],
         &["/bin/sh", "-c", &create_files_until_failure("/dev/shm")],
     );
@@ -283,14 +370,24 @@ fn file_creation_stops_at_the_inode_bound_and_is_named() {
     assert_eq!(outcome["stdout"]["text"], "4095\n", "{outcome}");
     assert_eq!(outcome["usage"]["inodes_exhausted"], true, "{outcome}");
     assert_eq!(outcome["usage"]["shm_full"], false, "{outcome}");
-    for id in ["abuse-inodes", "abuse-inodes-shm"] {
-        assert_nothing_left(&data, "quilt", id);
+    for id in [id, shm_id] {
+        assert_nothing_left(&data, "quilt", &id);
     }
 }
 
 #[test]
 fn descriptor_exhaustion_stops_at_rlimit_nofile() {
-    let data = TestDir::new("abuse-fds");
+    descriptor_exhaustion_stops_at_rlimit_nofile_in(Mode::Host);
+}
+
+#[test]
+fn descriptor_exhaustion_stops_at_rlimit_nofile_in_a_user_namespace() {
+    descriptor_exhaustion_stops_at_rlimit_nofile_in(Mode::UserNamespace);
+}
+
+fn descriptor_exhaustion_stops_at_rlimit_nofile_in(mode: Mode) {
+    let id = mode.name("abuse-fds");
+    let data = TestDir::new(&id);
     // Shows the limits, tries to raise the hard one, opens descriptors 3, 4,
     // ... until that fails (`command` keeps a failed redirection of `exec`
     // from ending the shell), raises the soft limit to the hard one and goes
@@ -298,34 +395,50 @@ fn descriptor_exhaustion_stops_at_rlimit_nofile() {
     let open_all = "while command eval \"exec $i</dev/null\"; do i=$((i+1)); \
                     [ $i -gt 10000 ] && break; done; echo opened $i";
     let script = format!(
-        "ulimit -Sn; ulimit -Hn; ulimit -Hn 4097 || echo refused; i=3; {open_all}; ulimit -Sn 4096; {open_all}"
+        "{SHOW_UID_MAP}; ulimit -Sn; ulimit -Hn; ulimit -Hn 4097 || echo refused; i=3; {open_all}; \
+         ulimit -Sn 4096; {open_all}"
     );
     let (code, outcome) =
-        quilt_run_json(&data, "abuse-fds", &["--timeout", "20s"], &["/bin/sh", "-c", &script]);
+        quilt_run_json_in(mode, &data, &id, &["--timeout", "20s"], &["/bin/sh", "-c", &script]);
     assert_eq!(code, 0, "{outcome}");
-    assert_eq!(outcome["stdout"]["text"], "1024\n4096\nrefused\nopened 1024\nopened 4096\n", "{outcome}");
+    let expected = format!("{}\n1024\n4096\nrefused\nopened 1024\nopened 4096\n", mode.uid_map_line());
+    assert_eq!(outcome["stdout"]["text"], expected, "{outcome}");
     assert!(outcome["stderr"]["text"].as_str().unwrap().contains("Too many open files"), "{outcome}");
-    assert_nothing_left(&data, "quilt", "abuse-fds");
+    assert_nothing_left(&data, "quilt", &id);
 }
 
 #[test]
 fn output_flood_a_hundred_times_the_cap_is_cut_and_flagged() {
-    let data = TestDir::new("abuse-flood");
+    output_flood_a_hundred_times_the_cap_is_cut_and_flagged_in(Mode::Host);
+}
+
+#[test]
+fn output_flood_a_hundred_times_the_cap_is_cut_and_flagged_in_a_user_namespace() {
+    output_flood_a_hundred_times_the_cap_is_cut_and_flagged_in(Mode::UserNamespace);
+}
+
+fn output_flood_a_hundred_times_the_cap_is_cut_and_flagged_in(mode: Mode) {
+    let id = mode.name("abuse-flood");
+    let data = TestDir::new(&id);
     let flood = 100 * 64 * 1024 + 1;
-    let script = format!("yes | head -c {flood}; yes | head -c {flood} >&2");
-    let (code, outcome) = quilt_run_json(
+    // The uid map's line comes first on stdout, within the cap.
+    let script = format!("{SHOW_UID_MAP}; yes | head -c {flood}; yes | head -c {flood} >&2");
+    let shown = mode.uid_map_line().len() + 1;
+    let (code, outcome) = quilt_run_json_in(
+        mode,
         &data,
-        "abuse-flood",
+        &id,
         &["--output-limit", "64k", "--timeout", "20s"],
         &["/bin/sh", "-c", &script],
     );
     assert_eq!(code, 0, "{outcome}");
-    for stream in ["stdout", "stderr"] {
+    mode.assert_in_effect(outcome["stdout"]["text"].as_str().unwrap());
+    for (stream, written) in [("stdout", shown + flood), ("stderr", flood)] {
         assert_eq!(outcome[stream]["truncated"], true, "{stream}");
-        assert_eq!(outcome[stream]["bytes"], flood, "{stream}");
+        assert_eq!(outcome[stream]["bytes"], written, "{stream}");
         assert_eq!(outcome[stream]["text"].as_str().unwrap().len(), 64 * 1024, "{stream}");
     }
-    assert_nothing_left(&data, "quilt", "abuse-flood");
+    assert_nothing_left(&data, "quilt", &id);
 }
 
 /// Peak resident memory of a process (`VmHWM`), bytes.
@@ -347,8 +460,18 @@ fn limited_task(id: &str, limits: Value, script: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abuses_through_a_worker_are_named_and_it_keeps_serving() {
-    let Setup { dir: _dir, broker, data } = Setup::new("abuse-worker").await;
-    let mut worker = Worker::start(&data, &broker.url, "abuse", &[]);
+    abuses_through_a_worker_are_named_and_it_keeps_serving_in(Mode::Host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abuses_through_a_worker_are_named_and_it_keeps_serving_in_a_user_namespace() {
+    abuses_through_a_worker_are_named_and_it_keeps_serving_in(Mode::UserNamespace).await;
+}
+
+async fn abuses_through_a_worker_are_named_and_it_keeps_serving_in(mode: Mode) {
+    let Setup { dir: _dir, broker, data } = Setup::new(&mode.name("abuse-worker")).await;
+    let worker_id = mode.name("abuse");
+    let mut worker = Worker::start_with_env(&data, &broker.url, &worker_id, &[], mode.worker_env());
     let agent = Agent::connect(&broker.url).await;
     let run = |body: Value| {
         let agent = &agent;
@@ -358,8 +481,9 @@ async fn abuses_through_a_worker_are_named_and_it_keeps_serving() {
         }
     };
 
-    let warm = run(task("t-warm", &["sh", "-c", "echo warm"])).await;
+    let warm = run(task("t-warm", &["sh", "-c", SHOW_UID_MAP])).await;
     assert_eq!(warm["status"], "succeeded", "{warm:#}");
+    mode.assert_in_effect(warm["stdout"].as_str().unwrap());
 
     let bomb =
         run(limited_task("t-bomb", json!({"pids": 32, "timeout_s": 3}), "b() { b | b & }; b; exec sleep 10"))
@@ -375,9 +499,12 @@ async fn abuses_through_a_worker_are_named_and_it_keeps_serving() {
     .await;
     assert_eq!(memory["status"], "oom_killed", "{memory:#}");
 
+    // A quota of 10 ms per 100 ms period: two spinners reach it in every
+    // period they get the CPU at all, however busy the machine (at 0.5 a
+    // loaded CI machine left them under their quota in most periods).
     let spin = run(limited_task(
         "t-spin",
-        json!({"cpus": 0.5, "timeout_s": 2}),
+        json!({"cpus": 0.1, "timeout_s": 3}),
         "while :; do :; done & while :; do :; done",
     ))
     .await;
@@ -449,6 +576,6 @@ async fn abuses_through_a_worker_are_named_and_it_keeps_serving() {
     assert_eq!(after_all["stdout"], "still here\n");
     assert!(worker.try_exit().is_none(), "the worker exited");
     assert!(worker.terminate().success(), "{}", worker.log_text());
-    assert_worker_left_nothing("abuse", &data);
+    assert_worker_left_nothing(&worker_id, &data);
     broker.stop().await;
 }

@@ -23,6 +23,7 @@ fn engine(data: &TestDir, policy: UnavailableLimits) -> Option<Engine> {
         state_dir: data.path.join("containers"),
         cgroup_parent: "quilt-v2-test".into(),
         unavailable_limits: policy,
+        user_namespace: None,
     };
     Some(Engine::with_cgroup_v2_at(config, Path::new(UNIFIED)).unwrap())
 }

@@ -10,11 +10,17 @@
 //! Every probe A runs is also run in B, where it must find what B made: the
 //! proof that the probe notices a leak, so that each test would fail if the
 //! namespace that separates A from B were shared.
+//!
+//! Each test runs again as `..._in_a_user_namespace`, with the worker in
+//! user-namespace mode ([`Mode::UserNamespace`]), where A and B share one
+//! id range and are kept apart by the same namespaces; B shows its uid map
+//! when it makes its secrets, which proves the mode.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use quilt_tests::pipeline::{containers_of, BOUND};
+use quilt_tests::{Mode, SHOW_UID_MAP};
 
 use crate::escapes::{assert_refused, attack_binary, attempts, output_bounded, Fleet};
 
@@ -33,15 +39,15 @@ const B_MARK: &str = "424242";
 const CONTENT: &str = "b-private-4711";
 const A_MARK: &str = "434343";
 
-/// A fleet running A and B, with B's secrets made.
+/// A fleet in `mode` running A and B, with B's secrets made.
 struct Pair {
     fleet: Fleet,
     worker_id: String,
 }
 
 impl Pair {
-    async fn start(name: &str, worker_id: &str) -> Pair {
-        let fleet = Fleet::start(name, worker_id).await;
+    async fn start(name: &str, worker_id: &str, mode: Mode) -> Pair {
+        let fleet = Fleet::start(name, worker_id, mode).await;
         let b_init = format!("attack listen {SOCKET} & exec sleep {B_MARK}");
         fleet.create_running("b", "escape", &["sh", "-c", &b_init]).await;
         fleet.create_running("a", "escape", &["sleep", A_MARK]).await;
@@ -49,12 +55,13 @@ impl Pair {
             .sh(
                 "b",
                 &format!(
-                    "echo {CONTENT} > {ROOT_FILE}; echo {CONTENT} > {SHM_FILE}; attack msg-create {}; \
-                     attack shm-create {}; attack mq-create {QUEUE}",
+                    "{SHOW_UID_MAP}; echo {CONTENT} > {ROOT_FILE}; echo {CONTENT} > {SHM_FILE}; \
+                     attack msg-create {}; attack shm-create {}; attack mq-create {QUEUE}",
                     MESSAGE_KEY.0, SHARED_MEMORY_KEY.0
                 ),
             )
             .await;
+        mode.assert_in_effect(&made);
         let made = attempts(&made);
         assert_eq!(made.len(), 3, "{made:?}");
         assert!(made.iter().all(|(_, result)| result == "ok"), "B could not make its secrets: {made:?}");
@@ -64,7 +71,7 @@ impl Pair {
             assert!(Instant::now() < deadline, "B's listener not up within {BOUND:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Pair { fleet, worker_id: worker_id.to_owned() }
+        Pair { fleet, worker_id: mode.name(worker_id) }
     }
 
     /// Runs `script` in A and in B; returns (A's output, B's output).
@@ -98,7 +105,16 @@ impl Pair {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_cannot_see_another_ones_files() {
-    let pair = Pair::start("cross-files", "crossfiles").await;
+    a_container_cannot_see_another_ones_files_in(Mode::Host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_cannot_see_another_ones_files_in_a_user_namespace() {
+    a_container_cannot_see_another_ones_files_in(Mode::UserNamespace).await;
+}
+
+async fn a_container_cannot_see_another_ones_files_in(mode: Mode) {
+    let pair = Pair::start("cross-files", "crossfiles", mode).await;
     // Every file named quilt-secret* under / (procfs and sysfs aside), and
     // under the root of every process A can see.
     let search = "find / \\( -path /proc -o -path /sys \\) -prune -o -name 'quilt-secret*' -print; \
@@ -115,7 +131,16 @@ async fn a_container_cannot_see_another_ones_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_sees_only_its_own_processes() {
-    let pair = Pair::start("cross-ps", "crossps").await;
+    a_container_sees_only_its_own_processes_in(Mode::Host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_sees_only_its_own_processes_in_a_user_namespace() {
+    a_container_sees_only_its_own_processes_in(Mode::UserNamespace).await;
+}
+
+async fn a_container_sees_only_its_own_processes_in(mode: Mode) {
+    let pair = Pair::start("cross-ps", "crossps", mode).await;
     let (in_a, in_b) = pair.both("ps -o pid,args").await;
     assert!(in_a.contains(A_MARK) && !in_a.contains(B_MARK), "A sees B's processes:\n{in_a}");
     assert!(in_b.contains(B_MARK) && !in_b.contains(A_MARK), "B's own list lacks it:\n{in_b}");
@@ -130,7 +155,16 @@ async fn a_container_sees_only_its_own_processes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_cannot_see_another_ones_dev_shm() {
-    let pair = Pair::start("cross-shm", "crossshm").await;
+    a_container_cannot_see_another_ones_dev_shm_in(Mode::Host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_cannot_see_another_ones_dev_shm_in_a_user_namespace() {
+    a_container_cannot_see_another_ones_dev_shm_in(Mode::UserNamespace).await;
+}
+
+async fn a_container_cannot_see_another_ones_dev_shm_in(mode: Mode) {
+    let pair = Pair::start("cross-shm", "crossshm", mode).await;
     let (in_a, in_b) = pair.both("ls -A /dev/shm").await;
     assert_eq!(in_a, "", "A's /dev/shm holds B's file");
     assert_eq!(in_b, "quilt-secret-shm\n");
@@ -139,7 +173,16 @@ async fn a_container_cannot_see_another_ones_dev_shm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_cannot_reach_another_ones_ipc_objects() {
-    let pair = Pair::start("cross-ipc", "crossipc").await;
+    a_container_cannot_reach_another_ones_ipc_objects_in(Mode::Host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_cannot_reach_another_ones_ipc_objects_in_a_user_namespace() {
+    a_container_cannot_reach_another_ones_ipc_objects_in(Mode::UserNamespace).await;
+}
+
+async fn a_container_cannot_reach_another_ones_ipc_objects_in(mode: Mode) {
+    let pair = Pair::start("cross-ipc", "crossipc", mode).await;
     let script = format!(
         "cat /proc/sysvipc/msg /proc/sysvipc/shm; ls -A /dev/mqueue; \
          attack msg-find {}; attack shm-find {}; attack mq-find {QUEUE}",
@@ -165,7 +208,16 @@ async fn a_container_cannot_reach_another_ones_ipc_objects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_cannot_connect_to_another_ones_abstract_socket() {
-    let pair = Pair::start("cross-socket", "crosssocket").await;
+    a_container_cannot_connect_to_another_ones_abstract_socket_in(Mode::Host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_cannot_connect_to_another_ones_abstract_socket_in_a_user_namespace() {
+    a_container_cannot_connect_to_another_ones_abstract_socket_in(Mode::UserNamespace).await;
+}
+
+async fn a_container_cannot_connect_to_another_ones_abstract_socket_in(mode: Mode) {
+    let pair = Pair::start("cross-socket", "crosssocket", mode).await;
     let script = format!("attack connect {SOCKET}; echo listed $(grep -c '@{SOCKET}' /proc/net/unix)");
     let (in_a, in_b) = pair.both(&script).await;
     assert_refused(&in_a, 1, &[("connect", &["ECONNREFUSED"])]);
@@ -178,7 +230,16 @@ async fn a_container_cannot_connect_to_another_ones_abstract_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_cannot_signal_another_one() {
-    let pair = Pair::start("cross-kill", "crosskill").await;
+    a_container_cannot_signal_another_one_in(Mode::Host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_cannot_signal_another_one_in_a_user_namespace() {
+    a_container_cannot_signal_another_one_in(Mode::UserNamespace).await;
+}
+
+async fn a_container_cannot_signal_another_one_in(mode: Mode) {
+    let pair = Pair::start("cross-kill", "crosskill", mode).await;
     let b_pids = pair.host_pids("b");
     let b_pid_list: Vec<String> = b_pids.iter().map(u32::to_string).collect();
     assert!(b_pids.len() >= 2, "B's sleep and listener: {b_pids:?}");

@@ -31,6 +31,15 @@
 //! tests can fail: it runs the same program, with the same modes, outside any
 //! container against harmless targets (a copy of busybox, a scratch file, a
 //! private mount namespace) and requires `ok` from each attempt there.
+//!
+//! Every other test runs again as `..._in_a_user_namespace`: the same body
+//! in user-namespace mode ([`Mode::UserNamespace`], given to each `quilt` it
+//! starts), where the container's root is host uid 100000. Each variant
+//! shows a container's `/proc/self/uid_map` and requires its mode's, so it
+//! cannot pass with the mode ignored. The refusals are the same in both
+//! modes but one: a host sysctl under `/proc/sys` is refused with EACCES
+//! there (its owner, host root, is no one in the container) before the
+//! read-only mount can refuse it with EROFS.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
@@ -44,8 +53,8 @@ use quilt::engine::{ContainerSpec, Engine, EngineConfig, EngineError, Unavailabl
 use quilt_tests::images::{busybox_entries, write_rootfs_tarball, Entry};
 use quilt_tests::pipeline::{assert_worker_left_nothing, Agent, LongRunningGuard, Setup, Worker, BOUND};
 use quilt_tests::{
-    assert_nothing_left, build_busybox_rootfs, quilt, quilt_binary, text, wait_bounded, TestDir,
-    COMMAND_DEADLINE,
+    assert_nothing_left, build_busybox_rootfs, quilt_binary, quilt_in, text, wait_bounded, Mode, TestDir,
+    COMMAND_DEADLINE, SHOW_UID_MAP,
 };
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -130,30 +139,28 @@ pub(crate) fn import_image(data: &Path, name: &str, entries: &[Entry]) {
     std::fs::remove_file(&tarball).unwrap();
 }
 
-/// `quilt run --local --name ID FLAGS -- COMMAND` (the flags name the root:
-/// `--rootfs DIR` or `--image NAME`), bounded; asserts that the container
-/// left nothing behind.
-fn run_quilt(data: &TestDir, id: &str, flags: &[&str], command: &[&str]) -> Output {
+/// `quilt run --local --name ID FLAGS -- COMMAND` in `mode` (the flags name
+/// the root: `--rootfs DIR` or `--image NAME`), bounded; asserts that the
+/// container left nothing behind.
+fn run_quilt(mode: Mode, data: &TestDir, id: &str, flags: &[&str], command: &[&str]) -> Output {
     let mut args = vec!["run", "--local", "--name", id];
     args.extend_from_slice(flags);
     args.push("--");
     args.extend_from_slice(command);
-    let output = quilt(data, &args);
+    let output = quilt_in(mode, data, &args);
     assert_nothing_left(data, "quilt", id);
     output
 }
 
 /// [`run_quilt`] on the root directory `rootfs`.
-fn run_local(data: &TestDir, rootfs: &Path, id: &str, flags: &[&str], command: &[&str]) -> Output {
-    let mut all = vec!["--rootfs", rootfs.to_str().unwrap()];
-    all.extend_from_slice(flags);
-    run_quilt(data, id, &all, command)
+fn run_local(mode: Mode, data: &TestDir, rootfs: &Path, id: &str, command: &[&str]) -> Output {
+    run_quilt(mode, data, id, &["--rootfs", rootfs.to_str().unwrap()], command)
 }
 
 /// `sh -c SCRIPT` in a fresh container on `rootfs`; its stdout, after
 /// checking that it exited 0.
-fn sh_local(data: &TestDir, rootfs: &Path, id: &str, script: &str) -> String {
-    let output = run_local(data, rootfs, id, &[], &["/bin/sh", "-c", script]);
+fn sh_local(mode: Mode, data: &TestDir, rootfs: &Path, id: &str, script: &str) -> String {
+    let output = run_local(mode, data, rootfs, id, &["/bin/sh", "-c", script]);
     assert!(
         output.status.success(),
         "{id}: {:?}\n{}\n{}",
@@ -467,8 +474,9 @@ impl Drop for Victim {
     }
 }
 
-/// A worker with the hostile image `escape` imported, on its own broker;
-/// its long-running containers are killed even if the test fails.
+/// A worker in `mode` with the hostile image `escape` imported, on its own
+/// broker; its long-running containers are killed even if the test fails.
+/// `name` and `worker_id` get the mode's suffix ([`Mode::name`]).
 pub(crate) struct Fleet {
     // Fields drop in order: the worker and its containers before the broker
     // and the directory.
@@ -476,18 +484,27 @@ pub(crate) struct Fleet {
     _guard: LongRunningGuard,
     pub(crate) agent: Agent,
     pub(crate) setup: Setup,
+    pub(crate) mode: Mode,
     names: std::sync::Mutex<Vec<String>>,
     tasks: AtomicU32,
 }
 
 impl Fleet {
-    pub(crate) async fn start(name: &str, worker_id: &str) -> Fleet {
-        let setup = Setup::new(name).await;
+    pub(crate) async fn start(name: &str, worker_id: &str, mode: Mode) -> Fleet {
+        let setup = Setup::new(&mode.name(name)).await;
         import_image(&setup.data, "escape", &hostile_entries());
-        let guard = LongRunningGuard { worker_id: worker_id.to_owned() };
-        let worker = Worker::start(&setup.data, &setup.broker.url, worker_id, &["--concurrency", "8"]);
+        let worker_id = mode.name(worker_id);
+        let guard = LongRunningGuard { worker_id: worker_id.clone() };
+        let worker = Worker::start_with_env(
+            &setup.data,
+            &setup.broker.url,
+            &worker_id,
+            &["--concurrency", "8"],
+            mode.worker_env(),
+        );
         let agent = Agent::connect(&setup.broker.url).await;
-        Fleet { worker, _guard: guard, agent, setup, names: Default::default(), tasks: AtomicU32::new(0) }
+        let tasks = AtomicU32::new(0);
+        Fleet { worker, _guard: guard, agent, setup, mode, names: Default::default(), tasks }
     }
 
     fn task_id(&self, what: &str) -> String {
@@ -565,7 +582,12 @@ impl Fleet {
 
     /// Starts the worker again on its data directory; it re-adopts its containers.
     pub(crate) fn restart_worker(&mut self) {
-        self.worker.restart(&[]);
+        self.worker.restart(self.mode.worker_env());
+    }
+
+    /// Asserts that an exec in `target` runs in the fleet's mode.
+    pub(crate) async fn assert_mode(&self, target: &str) {
+        self.mode.assert_in_effect(&self.sh(target, SHOW_UID_MAP).await);
     }
 
     /// Removes the containers, stops the worker and checks it left nothing.
@@ -686,14 +708,26 @@ fn the_attacks_work_where_nothing_stops_them() {
 
 #[test]
 fn proc_exe_cannot_overwrite_the_runtime_at_start() {
-    let data = TestDir::new("esc-exe-start");
+    proc_exe_cannot_overwrite_the_runtime_at_start_in(Mode::Host);
+}
+
+#[test]
+fn proc_exe_cannot_overwrite_the_runtime_at_start_in_a_user_namespace() {
+    proc_exe_cannot_overwrite_the_runtime_at_start_in(Mode::UserNamespace);
+}
+
+fn proc_exe_cannot_overwrite_the_runtime_at_start_in(mode: Mode) {
+    let id = mode.name("esc-exe-start");
+    let data = TestDir::new(&id);
     let rootfs = hostile_rootfs(&data.path.join("rootfs"));
     let binaries = BinaryCanary::take();
     let busybox = sha256_file(&rootfs.join("bin/busybox"));
     // The first process is `sh` (pid 1): `attack exe` opens every visible
     // /proc/<pid>/exe for writing and keeps reopening held O_PATH
     // descriptors for a second; then `cp` over each.
-    let output = sh_local(&data, &rootfs, "esc-exe-start", &format!("attack exe 1; {CP_OVER_EXE}; true"));
+    let script = format!("{SHOW_UID_MAP}; attack exe 1; {CP_OVER_EXE}; true");
+    let output = sh_local(mode, &data, &rootfs, &id, &script);
+    mode.assert_in_effect(&output);
     let refused = assert_refused(&output, 1, EXE_REFUSALS);
     assert!(refused.iter().any(|(label, _)| label == "open-write /proc/1/exe"), "{output}");
     assert!(output.contains("info /proc/1/exe -> /bin/busybox"), "pid 1 is not the command: {output}");
@@ -705,7 +739,16 @@ fn proc_exe_cannot_overwrite_the_runtime_at_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proc_exe_cannot_overwrite_the_runtime_at_exec() {
-    let mut fleet = Fleet::start("esc-exe-exec", "escexe").await;
+    proc_exe_cannot_overwrite_the_runtime_at_exec_in(Mode::Host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proc_exe_cannot_overwrite_the_runtime_at_exec_in_a_user_namespace() {
+    proc_exe_cannot_overwrite_the_runtime_at_exec_in(Mode::UserNamespace).await;
+}
+
+async fn proc_exe_cannot_overwrite_the_runtime_at_exec_in(mode: Mode) {
+    let mut fleet = Fleet::start("esc-exe-exec", "escexe", mode).await;
     let binaries = BinaryCanary::take();
     // The race, in the container's first process: for 10 s it watches for
     // every process that appears in the container (an exec's setup process
@@ -719,7 +762,8 @@ async fn proc_exe_cannot_overwrite_the_runtime_at_exec() {
     fleet.create_running("box", "escape", &["sh", "-c", &init]).await;
 
     // Every process an exec can see, by its exe, for writing and with cp.
-    let output = fleet.sh("box", &format!("attack exe 1; {CP_OVER_EXE}; true")).await;
+    let output = fleet.sh("box", &format!("{SHOW_UID_MAP}; attack exe 1; {CP_OVER_EXE}; true")).await;
+    mode.assert_in_effect(&output);
     let refused = assert_refused(&output, 1, EXE_REFUSALS);
     assert!(refused.iter().any(|(label, _)| label == "open-write /proc/1/exe"), "{output}");
     binaries.assert_not_held(&output);
@@ -762,29 +806,49 @@ fn assert_only_stdio(output: &str) {
 
 #[test]
 fn only_stdio_descriptors_reach_the_first_process() {
-    let data = TestDir::new("esc-fds-start");
+    only_stdio_descriptors_reach_the_first_process_in(Mode::Host);
+}
+
+#[test]
+fn only_stdio_descriptors_reach_the_first_process_in_a_user_namespace() {
+    only_stdio_descriptors_reach_the_first_process_in(Mode::UserNamespace);
+}
+
+fn only_stdio_descriptors_reach_the_first_process_in(mode: Mode) {
+    let id = mode.name("esc-fds-start");
+    let data = TestDir::new(&id);
     let rootfs = hostile_rootfs(&data.path.join("rootfs"));
     let stray = DirectoryCanary::new(data.path.join("stray"));
-    // `attack` is the container's first process itself; Quilt is started
-    // with two stray descriptors that are not close-on-exec, as a careless
-    // parent leaves them: a directory of the host and a file for appending.
+    // `attack` is the container's first process itself (the shell that
+    // shows the uid map execs it); Quilt is started with two stray
+    // descriptors that are not close-on-exec, as a careless parent leaves
+    // them: a directory of the host and a file for appending.
     let rootfs = rootfs.to_str().unwrap();
-    let args = ["run", "--local", "--name", "esc-fds-start", "--rootfs", rootfs, "--", "/bin/attack", "fds"];
-    let output = quilt_with_stray_descriptors(&data, &stray, &args);
-    assert_nothing_left(&data, "quilt", "esc-fds-start");
+    let script = format!("{SHOW_UID_MAP}; exec /bin/attack fds");
+    let args = ["run", "--local", "--name", &id, "--rootfs", rootfs, "--", "/bin/sh", "-c", &script];
+    let output = quilt_with_stray_descriptors(mode, &data, &stray, &args);
+    assert_nothing_left(&data, "quilt", &id);
     assert!(output.status.success(), "{}", text(&output.stderr));
-    assert_only_stdio(&String::from_utf8_lossy(&output.stdout));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    mode.assert_in_effect(&stdout);
+    assert_only_stdio(&stdout);
     stray.assert_unchanged();
 }
 
 /// The directory's fd number in [`quilt_with_stray_descriptors`].
 const STRAY_DIRECTORY_FD: u32 = 7;
 
-/// `quilt --data-dir DATA ARGS`, started by a shell that leaves it
-/// descriptor 7 on `stray`'s directory and 9 on its canary file (opened for
-/// appending), neither close-on-exec; bounded.
-fn quilt_with_stray_descriptors(data: &TestDir, stray: &DirectoryCanary, args: &[&str]) -> Output {
-    let child = Command::new("sh")
+/// `quilt --data-dir DATA ARGS` in `mode`, started by a shell that leaves
+/// it descriptor 7 on `stray`'s directory and 9 on its canary file (opened
+/// for appending), neither close-on-exec; bounded.
+fn quilt_with_stray_descriptors(
+    mode: Mode,
+    data: &TestDir,
+    stray: &DirectoryCanary,
+    args: &[&str],
+) -> Output {
+    let child = mode
+        .apply(&mut Command::new("sh"))
         .arg("-c")
         .arg(format!("exec {STRAY_DIRECTORY_FD}<\"$0\" 9>>\"$1\"; shift; exec \"$@\""))
         .arg(&stray.path)
@@ -803,8 +867,18 @@ fn quilt_with_stray_descriptors(data: &TestDir, stray: &DirectoryCanary, args: &
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_stdio_descriptors_reach_an_exec() {
-    let fleet = Fleet::start("esc-fds-exec", "escfds").await;
+    only_stdio_descriptors_reach_an_exec_in(Mode::Host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_stdio_descriptors_reach_an_exec_in_a_user_namespace() {
+    only_stdio_descriptors_reach_an_exec_in(Mode::UserNamespace).await;
+}
+
+async fn only_stdio_descriptors_reach_an_exec_in(mode: Mode) {
+    let fleet = Fleet::start("esc-fds-exec", "escfds", mode).await;
     fleet.create_running("box", "escape", &["sleep", "100000"]).await;
+    fleet.assert_mode("box").await;
     let result = fleet.exec_with("box", &["/bin/attack", "fds"], json!({})).await;
     assert_eq!(result["status"], "succeeded", "{result}");
     assert_only_stdio(result["stdout"].as_str().unwrap());
@@ -884,10 +958,27 @@ impl Escapes {
 
 #[test]
 fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_start() {
-    let data = TestDir::new("esc-leak-start");
+    no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_start_in(Mode::Host);
+}
+
+#[test]
+fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_start_in_a_user_namespace() {
+    no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_start_in(Mode::UserNamespace);
+}
+
+fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_start_in(mode: Mode) {
+    let data = TestDir::new(&mode.name("esc-leak-start"));
     let rootfs = hostile_rootfs(&data.path.join("rootfs"));
     import_image(&data.path, "busybox", &busybox_entries());
     import_image(&data.path, "escape", &hostile_entries());
+    let shown = run_quilt(
+        mode,
+        &data,
+        &mode.name("esc-leak-mode"),
+        &["--image", "busybox"],
+        &["sh", "-c", SHOW_UID_MAP],
+    );
+    mode.assert_in_effect(&text(&shown.stdout));
     let canary = FileCanary::new(data.path.join("canary"));
     let host_bin = host_only_program(&data.path);
     let probe = leak_probe(&canary);
@@ -900,10 +991,10 @@ fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_start() {
             (&["--image", "escape"][..], &link),
             (&["--image", "busybox"][..], &dev_fd),
         ] {
-            let id = format!("esc-leak-{n}");
+            let id = mode.name(&format!("esc-leak-{n}"));
             let mut flags = root.to_vec();
             flags.extend(["--workdir", workdir]);
-            let output = run_quilt(&data, &id, &flags, &["/bin/sh", "-c", &probe]);
+            let output = run_quilt(mode, &data, &id, &flags, &["/bin/sh", "-c", &probe]);
             let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
             let code = output.status.code();
             assert!(matches!(code, Some(0 | 125)), "{root:?} {workdir}: exit {code:?}: {stdout} {stderr}");
@@ -916,8 +1007,9 @@ fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_start() {
         }
         let path = format!("PATH={}", leak_path(n, &host_bin));
         let output = run_quilt(
+            mode,
             &data,
-            "esc-leak-path",
+            &mode.name("esc-leak-path"),
             &["--image", "busybox", "--env", &path],
             &["quilt-host-probe", "fds"],
         );
@@ -925,12 +1017,13 @@ fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_start() {
     }
     // A directory descriptor Quilt inherited from its parent, not close-on-exec.
     let stray = DirectoryCanary::new(data.path.join("stray"));
+    let stray_id = mode.name("esc-leak-stray");
     let workdir = format!("/dev/fd/{STRAY_DIRECTORY_FD}");
     let args = [
         "run",
         "--local",
         "--name",
-        "esc-leak-stray",
+        &stray_id,
         "--image",
         "busybox",
         "--workdir",
@@ -940,8 +1033,8 @@ fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_start() {
         "-c",
         &probe,
     ];
-    let output = quilt_with_stray_descriptors(&data, &stray, &args);
-    assert_nothing_left(&data, "quilt", "esc-leak-stray");
+    let output = quilt_with_stray_descriptors(mode, &data, &stray, &args);
+    assert_nothing_left(&data, "quilt", &stray_id);
     let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
     assert!(matches!(output.status.code(), Some(0 | 125)), "{workdir}: {stdout} {stderr}");
     escapes.workdir(
@@ -955,7 +1048,7 @@ fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_start() {
         "run",
         "--local",
         "--name",
-        "esc-leak-stray",
+        &stray_id,
         "--image",
         "busybox",
         "--env",
@@ -964,8 +1057,8 @@ fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_start() {
         "quilt-host-probe",
         "fds",
     ];
-    let output = quilt_with_stray_descriptors(&data, &stray, &args);
-    assert_nothing_left(&data, "quilt", "esc-leak-stray");
+    let output = quilt_with_stray_descriptors(mode, &data, &stray, &args);
+    assert_nothing_left(&data, "quilt", &stray_id);
     escapes.path(&format!("{path} (inherited)"), output.status.code() == Some(127), &text(&output.stdout));
     escapes.assert_none(&canary);
 }
@@ -983,7 +1076,20 @@ fn judge_workdir(escapes: &mut Escapes, what: &str, result: &Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_in_a_worker_task() {
-    let fleet = Fleet::start("esc-leak-task", "escleaktask").await;
+    no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_in_a_worker_task_in(Mode::Host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_in_a_worker_task_in_a_user_namespace(
+) {
+    no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_in_a_worker_task_in(Mode::UserNamespace)
+        .await;
+}
+
+async fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_in_a_worker_task_in(mode: Mode) {
+    let fleet = Fleet::start("esc-leak-task", "escleaktask", mode).await;
+    let shown = fleet.task(json!({"image": "busybox", "command": ["sh", "-c", SHOW_UID_MAP]})).await;
+    mode.assert_in_effect(shown["stdout"].as_str().unwrap_or_default());
     let canary = FileCanary::new(fleet.setup.dir.path.join("canary"));
     let host_bin = host_only_program(&fleet.setup.dir.path);
     let probe = leak_probe(&canary);
@@ -1011,11 +1117,21 @@ async fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_in_a_wo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_exec() {
-    let fleet = Fleet::start("esc-leak-exec", "escleak").await;
+    no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_exec_in(Mode::Host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_exec_in_a_user_namespace() {
+    no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_exec_in(Mode::UserNamespace).await;
+}
+
+async fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_at_exec_in(mode: Mode) {
+    let fleet = Fleet::start("esc-leak-exec", "escleak", mode).await;
     let canary = FileCanary::new(fleet.setup.dir.path.join("canary"));
     let host_bin = host_only_program(&fleet.setup.dir.path);
     let probe = leak_probe(&canary);
     fleet.create_running("box", "escape", &["sleep", "100000"]).await;
+    fleet.assert_mode("box").await;
     let mut escapes = Escapes::default();
     for n in LEAK_PROBES {
         for workdir in leak_workdirs(n) {
@@ -1046,6 +1162,16 @@ impl Drop for CgroupParent {
 
 #[tokio::test]
 async fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_on_cgroup_v2() {
+    no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_on_cgroup_v2_in(Mode::Host).await;
+}
+
+#[tokio::test]
+async fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_on_cgroup_v2_in_a_user_namespace() {
+    no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_on_cgroup_v2_in(Mode::UserNamespace)
+        .await;
+}
+
+async fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_on_cgroup_v2_in(mode: Mode) {
     // On cgroup v2 the setup process is cloned with CLONE_INTO_CGROUP, so it
     // holds a descriptor of its cgroup's directory in the host's cgroup2
     // mount until its execve. This host is v1 "hybrid"; its cgroup2 tree
@@ -1056,18 +1182,22 @@ async fn no_workdir_or_path_reaches_the_host_through_a_leaked_descriptor_on_cgro
         eprintln!("skipping: no cgroup2 tree at {UNIFIED}");
         return;
     }
-    let data = TestDir::new("esc-leak-v2");
+    let data = TestDir::new(&mode.name("esc-leak-v2"));
     let rootfs = hostile_rootfs(&data.path.join("rootfs"));
     let canary = FileCanary::new(data.path.join("canary"));
     let host_bin = host_only_program(&data.path);
-    let parent = format!("quilt-escape-v2-{}", std::process::id());
+    let parent = mode.name(&format!("quilt-escape-v2-{}", std::process::id()));
     let _parent = CgroupParent(Path::new(UNIFIED).join(&parent));
     let config = EngineConfig {
         state_dir: data.path.join("containers"),
         cgroup_parent: parent,
         unavailable_limits: UnavailableLimits::Skip,
+        user_namespace: mode.id_range(),
     };
     let engine = Engine::with_cgroup_v2_at(config, Path::new(UNIFIED)).unwrap();
+    let command = vec!["/bin/sh".into(), "-c".into(), SHOW_UID_MAP.into()];
+    let shown = engine.run(ContainerSpec::new("esc-v2-mode", vec![rootfs.clone()], command)).await.unwrap();
+    mode.assert_in_effect(&String::from_utf8_lossy(&shown.stdout.data));
     let probe = leak_probe(&canary);
     let mut escapes = Escapes::default();
     for n in LEAK_PROBES {
@@ -1138,6 +1268,12 @@ const THROUGH_THE_MOUNTS: &str = "echo pwned > /dev/null; echo pwned > /dev/shm/
      echo pwned > /dev/mqueue/pwned 2>/dev/null; ls /dev/pts /proc/sys /sys >/dev/null; \
      stat -c '%t:%T %F' /dev/null; echo ran";
 
+/// [`THROUGH_THE_MOUNTS`] after [`SHOW_UID_MAP`], and what it prints in `mode`.
+fn through_the_mounts(mode: Mode) -> (String, String) {
+    let script = format!("{SHOW_UID_MAP}; {THROUGH_THE_MOUNTS}");
+    (script, format!("{}\n1:3 character special file\nran\n", mode.uid_map_line()))
+}
+
 fn apply_variant(rootfs: &Path, links: &[(String, String)]) {
     for (path, target) in links {
         let at = rootfs.join(path);
@@ -1152,21 +1288,31 @@ fn apply_variant(rootfs: &Path, links: &[(String, String)]) {
 
 #[test]
 fn image_with_host_symlinks_for_its_mounts_cannot_mount_onto_the_host_at_start() {
-    let data = TestDir::new("esc-links-start");
+    image_with_host_symlinks_for_its_mounts_cannot_mount_onto_the_host_at_start_in(Mode::Host);
+}
+
+#[test]
+fn image_with_host_symlinks_for_its_mounts_cannot_mount_onto_the_host_at_start_in_a_user_namespace() {
+    image_with_host_symlinks_for_its_mounts_cannot_mount_onto_the_host_at_start_in(Mode::UserNamespace);
+}
+
+fn image_with_host_symlinks_for_its_mounts_cannot_mount_onto_the_host_at_start_in(mode: Mode) {
+    let data = TestDir::new(&mode.name("esc-links-start"));
     let target_dir = DirectoryCanary::new(data.path.join("host-target"));
     let target_file = FileCanary::new(data.path.join("passwd-canary"));
+    let (script, expected) = through_the_mounts(mode);
     for SymlinkVariant { name, links, refused } in symlink_variants(&target_dir.path, &target_file.path) {
         let rootfs = hostile_rootfs(&data.path.join(format!("rootfs-{name}")));
         apply_variant(&rootfs, &links);
-        let id = format!("esc-link-{name}");
-        let output = run_local(&data, &rootfs, &id, &[], &["/bin/sh", "-c", THROUGH_THE_MOUNTS]);
+        let id = mode.name(&format!("esc-link-{name}"));
+        let output = run_local(mode, &data, &rootfs, &id, &["/bin/sh", "-c", &script]);
         let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
         if refused {
             assert_eq!(output.status.code(), Some(125), "{name}: {stdout} {stderr}");
             assert!(stderr.contains("mount target"), "{name}: the error does not say why: {stderr}");
         } else {
             assert!(output.status.success(), "{name}: {stdout} {stderr}");
-            assert_eq!(stdout, "1:3 character special file\nran", "{name}");
+            assert_eq!(stdout, expected.trim_end(), "{name}");
         }
         target_dir.assert_unchanged();
         target_file.assert_unchanged();
@@ -1175,9 +1321,19 @@ fn image_with_host_symlinks_for_its_mounts_cannot_mount_onto_the_host_at_start()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_with_host_symlinks_for_its_mounts_cannot_mount_onto_the_host_at_exec() {
-    let fleet = Fleet::start("esc-links-exec", "esclinks").await;
+    image_with_host_symlinks_for_its_mounts_cannot_mount_onto_the_host_at_exec_in(Mode::Host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_with_host_symlinks_for_its_mounts_cannot_mount_onto_the_host_at_exec_in_a_user_namespace() {
+    image_with_host_symlinks_for_its_mounts_cannot_mount_onto_the_host_at_exec_in(Mode::UserNamespace).await;
+}
+
+async fn image_with_host_symlinks_for_its_mounts_cannot_mount_onto_the_host_at_exec_in(mode: Mode) {
+    let fleet = Fleet::start("esc-links-exec", "esclinks", mode).await;
     let target_dir = DirectoryCanary::new(fleet.setup.dir.path.join("host-target"));
     let target_file = FileCanary::new(fleet.setup.dir.path.join("passwd-canary"));
+    let (script, expected) = through_the_mounts(mode);
     for SymlinkVariant { name, links, refused } in symlink_variants(&target_dir.path, &target_file.path) {
         let mut entries = hostile_entries();
         for (path, target) in &links {
@@ -1192,8 +1348,7 @@ async fn image_with_host_symlinks_for_its_mounts_cannot_mount_onto_the_host_at_e
             assert_eq!(created["error"]["kind"], "invalid_rootfs", "{name}: {created}");
         } else {
             assert_eq!(created["status"], "succeeded", "{name}: {created}");
-            let output = fleet.sh(name, THROUGH_THE_MOUNTS).await;
-            assert_eq!(output, "1:3 character special file\nran\n", "{name}");
+            assert_eq!(fleet.sh(name, &script).await, expected, "{name}");
         }
         target_dir.assert_unchanged();
         target_file.assert_unchanged();
@@ -1202,10 +1357,12 @@ async fn image_with_host_symlinks_for_its_mounts_cannot_mount_onto_the_host_at_e
 }
 
 /// Writes to host-wide kernel knobs, cgroup mounts (with a release_agent)
-/// and the release_agent files of every host hierarchy, by name.
+/// and the release_agent files of every host hierarchy, by name; shows the
+/// uid map first.
 fn kernel_knob_script() -> String {
-    let mut script = String::from(
-        "attack write /proc/sysrq-trigger h; attack mount /tmp; echo cgroupfs $(ls -A /sys/fs/cgroup | wc -l)",
+    let mut script = format!(
+        "{SHOW_UID_MAP}; attack write /proc/sysrq-trigger h; attack mount /tmp; \
+         echo cgroupfs $(ls -A /sys/fs/cgroup | wc -l)",
     );
     for knob in kernel_knobs() {
         script.push_str(&format!("; attack write {} '|/bin/attack %p'", knob.display()));
@@ -1216,15 +1373,22 @@ fn kernel_knob_script() -> String {
     script
 }
 
-fn assert_kernel_knobs_refused(output: &str) {
+fn assert_kernel_knobs_refused(mode: Mode, output: &str) {
     // The host has no /proc/sysrq-trigger when its kernel lacks magic SysRq.
     let sysrq: &[&str] =
         if Path::new("/proc/sysrq-trigger").exists() { &["EROFS"] } else { &["EROFS", "ENOENT"] };
+    // In a user namespace the container's root does not own the host's
+    // sysctl files (host root does), so the permission check refuses the
+    // open before the read-only mount is consulted.
+    let sysctl: &[&str] = match mode {
+        Mode::Host => &["EROFS"],
+        Mode::UserNamespace => &["EROFS", "EACCES"],
+    };
     assert_refused(
         output,
         2 + kernel_knobs().len() + release_agents().len(),
         &[
-            ("open-write /proc/sys/", &["EROFS"]),
+            ("open-write /proc/sys/", sysctl),
             ("open-write /proc/sysrq-trigger", sysrq),
             ("open-write /sys/fs/cgroup/", &["ENOENT", "EROFS"]),
             ("mount-", &["EPERM"]),
@@ -1240,21 +1404,42 @@ fn assert_kernel_knobs_refused(output: &str) {
 
 #[test]
 fn kernel_knobs_and_release_agents_are_out_of_reach_at_start() {
-    let data = TestDir::new("esc-knobs-start");
+    kernel_knobs_and_release_agents_are_out_of_reach_at_start_in(Mode::Host);
+}
+
+#[test]
+fn kernel_knobs_and_release_agents_are_out_of_reach_at_start_in_a_user_namespace() {
+    kernel_knobs_and_release_agents_are_out_of_reach_at_start_in(Mode::UserNamespace);
+}
+
+fn kernel_knobs_and_release_agents_are_out_of_reach_at_start_in(mode: Mode) {
+    let id = mode.name("esc-knobs-start");
+    let data = TestDir::new(&id);
     let rootfs = hostile_rootfs(&data.path.join("rootfs"));
     let kernel = KernelCanary::take();
-    let output = sh_local(&data, &rootfs, "esc-knobs-start", &kernel_knob_script());
-    assert_kernel_knobs_refused(&output);
+    let output = sh_local(mode, &data, &rootfs, &id, &kernel_knob_script());
+    mode.assert_in_effect(&output);
+    assert_kernel_knobs_refused(mode, &output);
     kernel.assert_unchanged();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_knobs_and_release_agents_are_out_of_reach_at_exec() {
-    let fleet = Fleet::start("esc-knobs-exec", "escknobs").await;
+    kernel_knobs_and_release_agents_are_out_of_reach_at_exec_in(Mode::Host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_knobs_and_release_agents_are_out_of_reach_at_exec_in_a_user_namespace() {
+    kernel_knobs_and_release_agents_are_out_of_reach_at_exec_in(Mode::UserNamespace).await;
+}
+
+async fn kernel_knobs_and_release_agents_are_out_of_reach_at_exec_in(mode: Mode) {
+    let fleet = Fleet::start("esc-knobs-exec", "escknobs", mode).await;
     let kernel = KernelCanary::take();
     fleet.create_running("box", "escape", &["sleep", "100000"]).await;
     let output = fleet.sh("box", &kernel_knob_script()).await;
-    assert_kernel_knobs_refused(&output);
+    mode.assert_in_effect(&output);
+    assert_kernel_knobs_refused(mode, &output);
     kernel.assert_unchanged();
     fleet.stop().await;
 }
@@ -1264,7 +1449,7 @@ async fn kernel_knobs_and_release_agents_are_out_of_reach_at_exec() {
 /// SIGKILL to the victim's host pid.
 fn privileged_script(victim: u32) -> String {
     format!(
-        "attack userns; \
+        "{SHOW_UID_MAP}; attack userns; \
          if unshare -U true 2>/tmp/unshare.err; then echo 'try unshare-U ok'; \
          elif grep -q 'not permitted' /tmp/unshare.err; then echo 'try unshare-U EPERM'; \
          else echo \"try unshare-U $(cat /tmp/unshare.err)\"; fi; \
@@ -1302,20 +1487,41 @@ fn assert_privileged_refused(output: &str) {
 
 #[test]
 fn privileged_syscalls_are_refused_at_start() {
-    let data = TestDir::new("esc-priv-start");
+    privileged_syscalls_are_refused_at_start_in(Mode::Host);
+}
+
+#[test]
+fn privileged_syscalls_are_refused_at_start_in_a_user_namespace() {
+    privileged_syscalls_are_refused_at_start_in(Mode::UserNamespace);
+}
+
+fn privileged_syscalls_are_refused_at_start_in(mode: Mode) {
+    let id = mode.name("esc-priv-start");
+    let data = TestDir::new(&id);
     let rootfs = hostile_rootfs(&data.path.join("rootfs"));
     let mut victim = Victim::start();
-    let output = sh_local(&data, &rootfs, "esc-priv-start", &privileged_script(victim.pid()));
+    let output = sh_local(mode, &data, &rootfs, &id, &privileged_script(victim.pid()));
+    mode.assert_in_effect(&output);
     assert_privileged_refused(&output);
     victim.assert_untouched();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn privileged_syscalls_are_refused_at_exec() {
-    let fleet = Fleet::start("esc-priv-exec", "escpriv").await;
+    privileged_syscalls_are_refused_at_exec_in(Mode::Host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privileged_syscalls_are_refused_at_exec_in_a_user_namespace() {
+    privileged_syscalls_are_refused_at_exec_in(Mode::UserNamespace).await;
+}
+
+async fn privileged_syscalls_are_refused_at_exec_in(mode: Mode) {
+    let fleet = Fleet::start("esc-priv-exec", "escpriv", mode).await;
     let mut victim = Victim::start();
     fleet.create_running("box", "escape", &["sleep", "100000"]).await;
     let output = fleet.sh("box", &privileged_script(victim.pid())).await;
+    mode.assert_in_effect(&output);
     assert_privileged_refused(&output);
     victim.assert_untouched();
     fleet.stop().await;

@@ -19,6 +19,7 @@ fn config(data: &TestDir, parent: &str) -> EngineConfig {
         state_dir: data.path.join("containers"),
         cgroup_parent: parent.into(),
         unavailable_limits: UnavailableLimits::Skip,
+        user_namespace: None,
     }
 }
 

@@ -28,3 +28,4 @@ mod pipeline_tls;
 mod python_client;
 mod registry;
 mod sim;
+mod userns;

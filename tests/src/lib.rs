@@ -115,6 +115,10 @@ impl Drop for TestDir {
 
 /// `quilt run --local --rootfs <busybox> [flags] -- command`, with `--data-dir`.
 pub fn quilt_run(data: &TestDir, id: &str, flags: &[&str], command: &[&str]) -> Output {
+    quilt_run_command(data, id, flags, command).output().unwrap()
+}
+
+fn quilt_run_command(data: &TestDir, id: &str, flags: &[&str], command: &[&str]) -> Command {
     let mut cmd = Command::new(quilt_binary());
     cmd.arg("--data-dir")
         .arg(&data.path)
@@ -123,7 +127,7 @@ pub fn quilt_run(data: &TestDir, id: &str, flags: &[&str], command: &[&str]) -> 
         .args(flags)
         .arg("--")
         .args(command);
-    cmd.output().unwrap()
+    cmd
 }
 
 /// As [`quilt_run`] with `--json`, parsed.
@@ -133,9 +137,24 @@ pub fn quilt_run_json(
     flags: &[&str],
     command: &[&str],
 ) -> (i32, serde_json::Value) {
+    quilt_run_json_in(Mode::Host, data, id, flags, command)
+}
+
+/// [`quilt_run_json`] in `mode`.
+pub fn quilt_run_json_in(
+    mode: Mode,
+    data: &TestDir,
+    id: &str,
+    flags: &[&str],
+    command: &[&str],
+) -> (i32, serde_json::Value) {
     let mut all = vec!["--json"];
     all.extend_from_slice(flags);
-    let output = quilt_run(data, id, &all, command);
+    let mut cmd = quilt_run_command(data, id, &all, command);
+    parse_outcome(mode.apply(&mut cmd).output().unwrap())
+}
+
+fn parse_outcome(output: Output) -> (i32, serde_json::Value) {
     let code = output.status.code().unwrap_or(-1);
     let value = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
         panic!(
@@ -233,15 +252,100 @@ pub fn text(bytes: &[u8]) -> String {
 
 /// Run `quilt --data-dir <data> ARGS`, bounded by [`COMMAND_DEADLINE`].
 pub fn quilt(data: &TestDir, args: &[&str]) -> Output {
-    let child = Command::new(quilt_binary())
-        .arg("--data-dir")
-        .arg(&data.path)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    quilt_bounded(Command::new(quilt_binary()).arg("--data-dir").arg(&data.path).args(args), args)
+}
+
+/// [`quilt`] in `mode`.
+pub fn quilt_in(mode: Mode, data: &TestDir, args: &[&str]) -> Output {
+    let mut command = Command::new(quilt_binary());
+    mode.apply(command.arg("--data-dir").arg(&data.path).args(args));
+    quilt_bounded(&mut command, args)
+}
+
+fn quilt_bounded(command: &mut Command, args: &[&str]) -> Output {
+    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     wait_bounded(child, COMMAND_DEADLINE, args)
+}
+
+/// The host ids of the tests' user-namespace mode: container ids
+/// `0..65536` are host ids `100000..165536`.
+pub const USERNS_RANGE: &str = "100000:65536";
+
+/// A shell command that prints the uid map its container runs under on one
+/// line, `uid_map 0 100000 65536` in user-namespace mode; see
+/// [`Mode::assert_in_effect`].
+pub const SHOW_UID_MAP: &str = "echo uid_map $(cat /proc/self/uid_map)";
+
+/// The mode an isolation test's containers run in. It is given to each
+/// `quilt` process the test starts, never set in the test process's own
+/// environment: tests run in parallel threads of one process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A container's root is the host's root (no `--userns`).
+    Host,
+    /// `QUILT_USERNS=`[`USERNS_RANGE`]: a container's root is host uid 100000.
+    UserNamespace,
+}
+
+impl Mode {
+    /// Sets `QUILT_USERNS` on a `quilt` command for this mode (removes it in
+    /// [`Mode::Host`], lest the test process's environment pick a mode).
+    pub fn apply(self, command: &mut Command) -> &mut Command {
+        match self {
+            Mode::Host => command.env_remove("QUILT_USERNS"),
+            Mode::UserNamespace => command.env("QUILT_USERNS", USERNS_RANGE),
+        }
+    }
+
+    /// The environment a `quilt worker` needs for this mode (see
+    /// `pipeline::Worker::start_with_env`); it inherits the rest.
+    pub fn worker_env(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Mode::Host => &[],
+            Mode::UserNamespace => &[("QUILT_USERNS", USERNS_RANGE)],
+        }
+    }
+
+    /// `base`, prefixed `userns-` in user-namespace mode: a test's two
+    /// variants run at once, so their directories, container ids (cgroups
+    /// are host-wide) and worker ids must differ, and a prefix keeps one
+    /// variant's paths from containing the other's (the leftover checks
+    /// search the mount table for them).
+    pub fn name(self, base: &str) -> String {
+        match self {
+            Mode::Host => base.to_owned(),
+            Mode::UserNamespace => format!("userns-{base}"),
+        }
+    }
+
+    /// The engine's `user_namespace` setting for this mode.
+    pub fn id_range(self) -> Option<quilt::engine::IdRange> {
+        match self {
+            Mode::Host => None,
+            Mode::UserNamespace => Some(USERNS_RANGE.parse().unwrap()),
+        }
+    }
+
+    /// The line [`SHOW_UID_MAP`] prints in a container of this mode: in
+    /// host mode the test process's own map (the host's user namespace).
+    pub fn uid_map_line(self) -> String {
+        let map = match self {
+            Mode::Host => std::fs::read_to_string("/proc/self/uid_map").unwrap(),
+            Mode::UserNamespace => format!("0 {}", USERNS_RANGE.replace(':', " ")),
+        };
+        format!("uid_map {}", map.split_whitespace().collect::<Vec<_>>().join(" "))
+    }
+
+    /// Asserts that `output` holds the line [`SHOW_UID_MAP`] prints in this
+    /// mode: the proof that the container really ran in it.
+    pub fn assert_in_effect(self, output: &str) {
+        let expected = self.uid_map_line();
+        assert!(
+            output.lines().any(|line| line == expected),
+            "not run in {self:?} mode (is QUILT_USERNS set in the tests' environment?): \
+             no line {expected:?} in:\n{output}"
+        );
+    }
 }
 
 /// Wait for a child, killing it (by its own handle) and failing after `deadline`.

@@ -119,6 +119,10 @@ pub(crate) struct RunArgs {
     /// Through NATS: a package.json whose dependencies are installed.
     #[arg(long, value_name = "FILE")]
     pub(crate) package_json: Option<PathBuf>,
+    /// With --local: user-namespace mode, container ids 0..COUNT mapped to host ids START..
+    /// (START:COUNT, e.g. 100000:65536; as the worker's --userns).
+    #[arg(long, env = "QUILT_USERNS", value_name = "START:COUNT", requires = "local")]
+    pub(crate) userns: Option<quilt::engine::IdRange>,
     /// Print the full outcome as JSON (with the captured output) instead of streaming output.
     #[arg(long)]
     pub(crate) json: bool,
@@ -293,6 +297,7 @@ async fn run_local(data_dir: &Path, args: RunArgs) -> anyhow::Result<u8> {
         state_dir: data_dir.join("containers"),
         cgroup_parent: "quilt".to_owned(),
         unavailable_limits: UnavailableLimits::Refuse,
+        user_namespace: args.userns,
     })
     .context("starting the container engine")?;
     let mut container = engine.create(spec)?;

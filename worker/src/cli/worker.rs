@@ -58,6 +58,10 @@ pub(crate) struct WorkerArgs {
     /// Stream replicas (3 on a 3-node cluster).
     #[arg(long, env = "QUILT_REPLICAS", default_value_t = 1)]
     replicas: usize,
+    /// User-namespace mode: container uids and gids 0..COUNT are host ids START.. (START:COUNT,
+    /// e.g. 100000:65536), so a container's root is an unprivileged host user. Off by default.
+    #[arg(long, env = "QUILT_USERNS", value_name = "START:COUNT")]
+    userns: Option<quilt::engine::IdRange>,
     /// Run without limits whose cgroup controller this host lacks (default: refuse such tasks).
     #[arg(long, env = "QUILT_SKIP_UNAVAILABLE_LIMITS")]
     skip_unavailable_limits: bool,
@@ -178,6 +182,7 @@ fn worker_config(data_dir: &Path, args: WorkerArgs) -> anyhow::Result<WorkerConf
         replicas: args.replicas.max(1),
         ..JetStreamSettings::default()
     };
+    config.user_namespace = args.userns;
     if args.skip_unavailable_limits {
         config.unavailable_limits = UnavailableLimits::Skip;
     }

@@ -152,6 +152,14 @@ pub enum SetupStep {
     ShimExec,
     /// Handing the scratch and /dev/shm descriptors to the runtime.
     ReportFilesystems,
+    /// Presenting the image's files through the user namespace's id mapping.
+    IdmapLayers,
+    /// Giving the container's root its files (user-namespace mode).
+    Ownership,
+    /// Letting the container's root bind ports below 1024 in its network.
+    UnprivilegedPorts,
+    /// Entering the user namespace.
+    UserNamespace,
 }
 
 impl SetupStep {
@@ -199,6 +207,10 @@ impl SetupStep {
         SetupStep::ShimClone,
         SetupStep::ShimExec,
         SetupStep::ReportFilesystems,
+        SetupStep::IdmapLayers,
+        SetupStep::Ownership,
+        SetupStep::UnprivilegedPorts,
+        SetupStep::UserNamespace,
     ];
 
     /// Decode a step number from the report pipe.
@@ -254,6 +266,13 @@ impl SetupStep {
             SetupStep::ShimClone => "creating the container process from its shim",
             SetupStep::ShimExec => "executing the container's shim (quilt-shim)",
             SetupStep::ReportFilesystems => "handing the scratch and /dev/shm descriptors to Quilt",
+            SetupStep::IdmapLayers => {
+                "mapping the image's file owners into the user namespace (idmapped mounts need Linux 5.12+ \
+                 and a filesystem that supports them: ext4, xfs, btrfs, tmpfs)"
+            }
+            SetupStep::Ownership => "giving the container's root its directories (user-namespace mode)",
+            SetupStep::UnprivilegedPorts => "setting the container network's ip_unprivileged_port_start",
+            SetupStep::UserNamespace => "entering the user namespace",
         }
     }
 }
@@ -335,8 +354,38 @@ pub(super) struct ChildPlan {
     /// anything it could swap in. Off for a report pipe (long-running
     /// containers) and for execs, which mount nothing.
     pub(super) report_filesystems: bool,
+    /// User-namespace mode (see the `userns` module); `None` runs the
+    /// container in the host's user namespace.
+    pub(super) user_namespace: Option<UsernsPlan>,
     /// Owns the strings `argv` and `envp` point into.
     _strings: Vec<CString>,
+}
+
+/// What the setup process does differently in user-namespace mode.
+pub(super) struct UsernsPlan {
+    /// The namespace to enter; `None` for an exec, which enters the one of
+    /// the container it joins (through the `Join` pidfd).
+    pub(super) fd: Option<RawFd>,
+    /// Host uid and gid of the container's root: the owner given to the
+    /// writable layer's top, /dev, /dev/shm and a created workdir.
+    pub(super) root_uid: u32,
+    pub(super) root_gid: u32,
+    /// Absolute directories of the image layers, each bound onto itself
+    /// through an idmapped mount before the overlay is made of them.
+    pub(super) layers: Vec<CString>,
+}
+
+impl UsernsPlan {
+    /// The plan for `range`'s namespace `fd` (or the joined container's,
+    /// with `None`) and the spec's layers.
+    pub(super) fn new(fd: Option<RawFd>, range: super::userns::IdRange, spec: &ContainerSpec) -> UsernsPlan {
+        UsernsPlan {
+            fd,
+            root_uid: range.host_id(0),
+            root_gid: range.host_id(0),
+            layers: spec.root.layers.iter().map(|layer| c_path(layer)).collect(),
+        }
+    }
 }
 
 /// Descriptors the plan refers to, by role.
@@ -438,6 +487,7 @@ impl ChildPlan {
             envp,
             die_with_parent: false,
             report_filesystems: false,
+            user_namespace: None,
             _strings: strings,
         }
     }
@@ -804,6 +854,12 @@ fn setup_and_exec(plan: &ChildPlan) -> StepResult {
         // SAFETY: setsid takes no arguments.
         errno_of(unsafe { libc::setsid() } as libc::c_long).at(SetupStep::Session)?;
         workdir(plan)?;
+        if plan.user_namespace.is_some() {
+            // Last, separately: with the user namespace in the same call,
+            // the kernel would check the right to enter the (host-owned)
+            // mount namespace with the capabilities of the new one.
+            sys::setns(pidfd, libc::CLONE_NEWUSER).at(SetupStep::UserNamespace)?;
+        }
     } else {
         // SAFETY: unshare and setsid take plain integers.
         errno_of(unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } as libc::c_long)
@@ -826,6 +882,12 @@ fn setup_and_exec(plan: &ChildPlan) -> StepResult {
         if plan.read_only_root {
             sys::mount_setattr(libc::AT_FDCWD, c"/", 0, sys::MOUNT_ATTR_RDONLY)
                 .at(SetupStep::ReadonlyRoot)?;
+        }
+        if let Some(fd) = plan.user_namespace.as_ref().and_then(|userns| userns.fd) {
+            // setns, not unshare: this child may share the runtime's memory
+            // (vfork style), which unshare(CLONE_NEWUSER) refuses. It gains
+            // every capability inside the namespace and none outside.
+            sys::setns(fd, libc::CLONE_NEWUSER).at(SetupStep::UserNamespace)?;
         }
     }
     for rlimit in &plan.rlimits {
@@ -890,7 +952,10 @@ fn close_unneeded_descriptors(plan: &ChildPlan) -> Result<(), Errno> {
         RootPlan::Join { pidfd } => Some(pidfd),
         _ => None,
     };
-    for fd in [plan.report].into_iter().chain(plan.cgroup_tasks.iter().copied()).chain(join) {
+    let user_namespace = plan.user_namespace.as_ref().and_then(|userns| userns.fd);
+    for fd in
+        [plan.report].into_iter().chain(plan.cgroup_tasks.iter().copied()).chain(join).chain(user_namespace)
+    {
         if fd > 2 && count < MAX_KEPT {
             kept[count] = fd;
             count += 1;
@@ -1028,9 +1093,19 @@ fn mounts(plan: &ChildPlan) -> StepResult {
                 for name in [c"upper", c"work", c"root"] {
                     sys::mkdirat(tmpfs.as_raw_fd(), name, 0o755).at(SetupStep::Scratch)?;
                 }
+                if let Some(userns) = &plan.user_namespace {
+                    // The upper directory's owner is the owner of the root.
+                    sys::chown_at(tmpfs.as_raw_fd(), c"upper", userns.root_uid, userns.root_gid)
+                        .at(SetupStep::Ownership)?;
+                }
                 sys::move_mount_path(tmpfs.as_raw_fd(), &scratch.mount_point).at(SetupStep::Scratch)?;
                 if plan.report_filesystems {
                     scratch_root = Some(filesystem_root(&tmpfs)?);
+                }
+            }
+            if let Some(userns) = &plan.user_namespace {
+                for layer in &userns.layers {
+                    idmap_onto_itself(layer, userns)?;
                 }
             }
             if let Some(dir) = layer_dir {
@@ -1055,6 +1130,9 @@ fn mounts(plan: &ChildPlan) -> StepResult {
         RootPlan::ReadOnlyBind { source } => {
             let tree =
                 sys::open_tree(libc::AT_FDCWD, source, sys::OPEN_TREE_CLONE).at(SetupStep::RootMount)?;
+            if let Some(userns) = &plan.user_namespace {
+                sys::mount_setattr_idmap(tree.as_raw_fd(), userns_fd(userns)?).at(SetupStep::IdmapLayers)?;
+            }
             sys::move_mount_path(tree.as_raw_fd(), &plan.root_target).at(SetupStep::RootMount)?;
             tree
         }
@@ -1065,6 +1143,19 @@ fn mounts(plan: &ChildPlan) -> StepResult {
 
     let proc_target = mount_target(root_fd, c"proc", SetupStep::MountProc)?;
     let proc_mount = new_mount(c"proc", &[], NOSUID_NODEV_NOEXEC, SetupStep::MountProc)?;
+    if plan.user_namespace.is_some() && plan.loopback {
+        // The container's network namespace belongs to the host's user
+        // namespace, where its root has no CAP_NET_BIND_SERVICE; as in
+        // rootless Podman, let everyone bind low ports in that network.
+        let knob = sys::openat2(
+            proc_mount.as_raw_fd(),
+            c"sys/net/ipv4/ip_unprivileged_port_start",
+            libc::O_WRONLY | libc::O_CLOEXEC,
+            TARGET_RESOLVE,
+        )
+        .at(SetupStep::UnprivilegedPorts)?;
+        sys::write_all_raw(knob.as_raw_fd(), b"0").at(SetupStep::UnprivilegedPorts)?;
+    }
     sys::move_mount_fd(proc_mount.as_raw_fd(), proc_target.as_raw_fd()).at(SetupStep::MountProc)?;
 
     let dev_target = mount_target(root_fd, c"dev", SetupStep::MountDev)?;
@@ -1090,6 +1181,12 @@ fn mounts(plan: &ChildPlan) -> StepResult {
     for (name, mode) in [(c"pts", 0o755), (c"shm", 0o1777), (c"mqueue", 0o755)] {
         sys::mkdirat(dev_fd, name, mode).at(SetupStep::DeviceNodes)?;
     }
+    if let Some(userns) = &plan.user_namespace {
+        let names = DEVICES.iter().map(|(name, _, _)| *name).chain([c"", c"pts", c"shm", c"mqueue"]);
+        for name in names {
+            sys::chown_at(dev_fd, name, userns.root_uid, userns.root_gid).at(SetupStep::Ownership)?;
+        }
+    }
     sys::move_mount_fd(dev_fd, dev_target.as_raw_fd()).at(SetupStep::MountDev)?;
 
     let pts_target = sys::openat2(dev_fd, c"pts", libc::O_PATH | libc::O_DIRECTORY, TARGET_RESOLVE)
@@ -1110,6 +1207,9 @@ fn mounts(plan: &ChildPlan) -> StepResult {
         NOSUID_NODEV_NOEXEC,
         SetupStep::MountShm,
     )?;
+    if let Some(userns) = &plan.user_namespace {
+        sys::chown_at(shm.as_raw_fd(), c"", userns.root_uid, userns.root_gid).at(SetupStep::Ownership)?;
+    }
     sys::move_mount_fd(shm.as_raw_fd(), shm_target.as_raw_fd()).at(SetupStep::MountShm)?;
     if plan.report_filesystems {
         let shm_root = filesystem_root(&shm)?;
@@ -1152,6 +1252,21 @@ fn mounts(plan: &ChildPlan) -> StepResult {
         errno_of(libc::chdir(c"/".as_ptr()) as libc::c_long).at(SetupStep::DetachOldRoot)?;
     }
     Ok(())
+}
+
+/// Binds image layer directory `layer` onto itself through an idmapped
+/// mount of the user namespace, in this private mount namespace only: the
+/// overlay then sees image uid 0 as the container's root.
+fn idmap_onto_itself(layer: &CStr, userns: &UsernsPlan) -> StepResult {
+    let tree = sys::open_tree(libc::AT_FDCWD, layer, sys::OPEN_TREE_CLONE).at(SetupStep::IdmapLayers)?;
+    sys::mount_setattr_idmap(tree.as_raw_fd(), userns_fd(userns)?).at(SetupStep::IdmapLayers)?;
+    sys::move_mount_path(tree.as_raw_fd(), layer).at(SetupStep::IdmapLayers)
+}
+
+/// The namespace a container with a root of its own enters (only an exec
+/// has none, and it mounts nothing).
+fn userns_fd(userns: &UsernsPlan) -> Result<RawFd, (SetupStep, Errno)> {
+    userns.fd.ok_or((SetupStep::IdmapLayers, Errno::EINVAL))
 }
 
 /// An `O_PATH` descriptor of the root of a freshly made mount, for the
@@ -1249,6 +1364,14 @@ fn workdir(plan: &ChildPlan) -> StepResult {
             let result = unsafe { libc::mkdir(buffer.as_ptr().cast(), 0o755) };
             if result < 0 && Errno::last() != Errno::EEXIST {
                 return Err((SetupStep::Workdir, Errno::last()));
+            }
+            if let (0, Some(userns)) = (result, &plan.user_namespace) {
+                // Created by host root; owned, as without a user
+                // namespace, by the container's root.
+                // SAFETY: buffer is NUL-terminated at `end`.
+                let name = unsafe { CStr::from_ptr(buffer.as_ptr().cast()) };
+                sys::chown_at(libc::AT_FDCWD, name, userns.root_uid, userns.root_gid)
+                    .at(SetupStep::Ownership)?;
             }
             buffer[end] = saved;
         }

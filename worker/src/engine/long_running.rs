@@ -164,6 +164,7 @@ impl Engine {
         config: &LongRunningConfig,
     ) -> Result<LongRunning, EngineError> {
         spec.validate(&self.shared.machine)?;
+        self.check_mapped(&spec)?;
         if spec.root.scratch != Scratch::Disk && !spec.root.read_only {
             return Err(EngineError::State("long-running containers keep their writes on disk"));
         }
@@ -172,6 +173,7 @@ impl Engine {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| EngineError::StateDirectory { path, source })?;
         }
+        self.own_upper(&dir.join("upper"))?;
         let cgroups = &self.shared.cgroups;
         let container_cgroup = match cgroups.open_existing(&spec.id) {
             Some(cgroup) => cgroup,
@@ -254,6 +256,7 @@ impl Engine {
                 self.shared.last_capability,
             );
             plan.die_with_parent = true;
+            plan.user_namespace = self.userns_plan(&spec);
             let mut argv: Vec<*const libc::c_char> =
                 arguments.iter().map(|argument| argument.as_ptr()).collect();
             argv.push(std::ptr::null());

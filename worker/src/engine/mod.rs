@@ -69,6 +69,8 @@ mod seccomp;
 mod spec;
 #[allow(unsafe_code)]
 mod sys;
+#[allow(unsafe_code)]
+mod userns;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -93,6 +95,7 @@ pub use spec::{
     MAX_TIMEOUT, MIN_MEMORY_BYTES, MIN_SCRATCH_INODES, SCRATCH_BYTES_PER_INODE, SHM_INODES,
 };
 pub use sys::{set_parent_death_signal, take_inherited_fd};
+pub use userns::{shift_tree, unshift_tree, IdRange, IdRangeError};
 
 use cgroup::{AttachHandle, CgroupController, CgroupError, CgroupLimits, CgroupRoot, ContainerCgroup};
 use child::{ChildDescriptors, ChildPlan, RootPaths, FILESYSTEMS_MESSAGE_SIZE, FILESYSTEMS_TAG, REPORT_SIZE};
@@ -168,13 +171,29 @@ pub enum EngineError {
     /// The call does not fit the container's state.
     #[error("container is {0}")]
     State(&'static str),
+    /// User-namespace mode cannot work on this host.
+    #[error("user-namespace mode ({range}): {reason}")]
+    UserNamespace {
+        /// The configured range.
+        range: IdRange,
+        /// What failed.
+        reason: String,
+    },
+    /// The container's user or group is outside the user namespace's range.
+    #[error("id {id} is not mapped in the user namespace (range {range} maps container ids 0 to {})", range.count - 1)]
+    UnmappedId {
+        /// The uid or gid.
+        id: u32,
+        /// The configured range.
+        range: IdRange,
+    },
 }
 
 impl EngineError {
     /// A stable, machine-readable name of the failure.
     pub fn kind(&self) -> &'static str {
         match self {
-            EngineError::Spec(_) | EngineError::Bundle(_) => "invalid_spec",
+            EngineError::Spec(_) | EngineError::Bundle(_) | EngineError::UnmappedId { .. } => "invalid_spec",
             EngineError::AlreadyExists(_) => "already_exists",
             EngineError::Setup { step: SetupStep::CommandNotFound, .. } => "command_not_found",
             EngineError::Setup { step: SetupStep::CommandNotExecutable, .. } => "command_not_executable",
@@ -196,6 +215,11 @@ pub struct EngineConfig {
     pub cgroup_parent: String,
     /// What to do with a limit whose cgroup controller this host lacks.
     pub unavailable_limits: UnavailableLimits,
+    /// User-namespace mode: container ids `0..count` are host ids
+    /// `host_start..` (see the `userns` module). `None`: containers share
+    /// the host's user namespace (their root is host root, confined by
+    /// capabilities, seccomp and namespaces).
+    pub user_namespace: Option<IdRange>,
 }
 
 /// Policy for limits whose cgroup controller is missing on this host.
@@ -218,6 +242,8 @@ struct Shared {
     /// This process's pid namespace, to return to after cloning an exec
     /// into a container's.
     own_pid_namespace: OwnedFd,
+    /// The user namespace containers enter, in user-namespace mode.
+    user_namespace: Option<userns::UserNamespace>,
 }
 
 /// The engine: cheap to clone, shareable across tasks.
@@ -266,6 +292,23 @@ impl Engine {
         let own_pid_namespace = std::fs::File::open(OWN_PID_NAMESPACE)
             .map_err(|source| EngineError::KernelInfo { path: OWN_PID_NAMESPACE, source })?
             .into();
+        let user_namespace = match config.user_namespace {
+            Some(range) => {
+                let failed = |reason: String| EngineError::UserNamespace { range, reason };
+                let namespace = userns::UserNamespace::create(range)
+                    .map_err(|error| failed(format!("creating the user namespace: {error}")))?;
+                userns::probe_idmapped_mount(&namespace, &config.state_dir).map_err(|errno| {
+                    failed(format!(
+                        "an idmapped mount of {} failed ({}): user-namespace mode needs Linux 5.12+ and a \
+                         filesystem with idmapped mounts (ext4, xfs, btrfs, tmpfs) for the data directory",
+                        config.state_dir.display(),
+                        errno.desc()
+                    ))
+                })?;
+                Some(namespace)
+            }
+            None => None,
+        };
         Ok(Engine {
             shared: Arc::new(Shared {
                 config,
@@ -274,6 +317,7 @@ impl Engine {
                 last_capability,
                 machine: MachineSize::detect(),
                 own_pid_namespace,
+                user_namespace,
             }),
         })
     }
@@ -281,6 +325,48 @@ impl Engine {
     /// The cgroup version in use.
     pub fn cgroup_version(&self) -> CgroupVersion {
         self.shared.cgroups.version()
+    }
+
+    /// The user namespace's range, in user-namespace mode.
+    pub fn user_namespace(&self) -> Option<IdRange> {
+        self.shared.user_namespace.as_ref().map(userns::UserNamespace::range)
+    }
+
+    /// Refuses a spec whose user or groups the user namespace does not map.
+    fn check_mapped(&self, spec: &ContainerSpec) -> Result<(), EngineError> {
+        if let Some(range) = self.user_namespace() {
+            let ids =
+                [spec.user.uid, spec.user.gid].into_iter().chain(spec.user.additional_gids.iter().copied());
+            if let Some(id) = ids.into_iter().find(|id| !range.maps(*id)) {
+                return Err(EngineError::UnmappedId { id, range });
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives a fresh on-disk upper directory (owned by host root) to the
+    /// container's root, in user-namespace mode: the upper directory's
+    /// owner is the owner of the container's `/`.
+    fn own_upper(&self, upper: &Path) -> Result<(), EngineError> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(range) = self.user_namespace() else { return Ok(()) };
+        let fresh = std::fs::metadata(upper)
+            .map(|metadata| metadata.uid() == 0)
+            .map_err(|source| EngineError::StateDirectory { path: upper.to_path_buf(), source })?;
+        if fresh {
+            std::os::unix::fs::chown(upper, Some(range.host_id(0)), Some(range.host_id(0)))
+                .map_err(|source| EngineError::StateDirectory { path: upper.to_path_buf(), source })?;
+        }
+        Ok(())
+    }
+
+    /// The plan's user-namespace part for `spec` (a container with a root
+    /// of its own).
+    fn userns_plan(&self, spec: &ContainerSpec) -> Option<child::UsernsPlan> {
+        self.shared
+            .user_namespace
+            .as_ref()
+            .map(|namespace| child::UsernsPlan::new(Some(namespace.fd()), namespace.range(), spec))
     }
 
     /// This machine's size, against which limits are judged.
@@ -305,8 +391,15 @@ impl Engine {
     pub fn create_exec(&self, target: &LongRunning, spec: ContainerSpec) -> Result<Container, EngineError> {
         let pidfd = target.init_pidfd().ok_or(EngineError::State("not running"))?;
         let join = pidfd.try_clone_to_owned().map_err(EngineError::Wait)?;
+        // The container's own user namespace, whatever this engine's mode
+        // is now: it may have been started before a restart changed it.
+        let pid = target.identity().init.pid;
+        let theirs = userns::namespace_of(pid).map_err(EngineError::Wait)?;
+        let ours = userns::own_namespace().map_err(EngineError::Wait)?;
         let name = format!("{}/{}", target.id(), spec.id);
-        self.create_in(spec, &name, Some(join))
+        let mut container = self.create_in(spec, &name, Some(join))?;
+        container.join_user_namespace = theirs != ours;
+        Ok(container)
     }
 
     fn create_in(
@@ -322,6 +415,7 @@ impl Engine {
             spec.root.scratch = Scratch::Memory;
         }
         spec.validate(&self.shared.machine)?;
+        self.check_mapped(&spec)?;
         let state_dir = &self.shared.config.state_dir;
         let disk_dir =
             (spec.root.scratch == Scratch::Disk && !spec.root.read_only).then(|| state_dir.join(&spec.id));
@@ -353,7 +447,7 @@ impl Engine {
                 let path = if sub.is_empty() { dir.clone() } else { dir.join(sub) };
                 std::fs::create_dir(&path).map_err(|source| EngineError::StateDirectory { path, source })
             });
-            if let Err(error) = made {
+            if let Err(error) = made.and_then(|()| self.own_upper(&dir.join("upper"))) {
                 let _ = std::fs::remove_dir_all(dir);
                 let _ = cgroup.delete();
                 return Err(error);
@@ -365,6 +459,7 @@ impl Engine {
             disk_dir,
             cgroup: Some(cgroup),
             join,
+            join_user_namespace: false,
             filesystems: ContainerFilesystems::default(),
             process: None,
             stdout: None,
@@ -481,6 +576,8 @@ pub struct Container {
     cgroup: Option<ContainerCgroup>,
     /// For an exec: the pidfd of the running container's first process.
     join: Option<OwnedFd>,
+    /// For an exec: whether that process is in a user namespace of its own.
+    join_user_namespace: bool,
     /// Its scratch tmpfs and /dev/shm, as handed over by its setup process.
     filesystems: ContainerFilesystems,
     process: Option<Process>,
@@ -589,6 +686,18 @@ impl Container {
                 self.engine.shared.last_capability,
             );
             plan.report_filesystems = self.join.is_none();
+            plan.user_namespace = match (&self.join, self.join_user_namespace) {
+                (None, _) => self.engine.userns_plan(&self.spec),
+                // The owner of a created working directory: this engine's
+                // container root, or host root when its mode changed since.
+                (Some(_), true) => Some(child::UsernsPlan {
+                    fd: None,
+                    root_uid: self.engine.user_namespace().map_or(0, |range| range.host_id(0)),
+                    root_gid: self.engine.user_namespace().map_or(0, |range| range.host_id(0)),
+                    layers: Vec::new(),
+                }),
+                (Some(_), false) => None,
+            };
             match &self.join {
                 Some(target) => {
                     plan.root = child::RootPlan::Join { pidfd: target.as_raw_fd() };

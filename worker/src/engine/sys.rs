@@ -71,6 +71,8 @@ pub(super) const MOUNT_ATTR_NOSUID: u64 = 0x02;
 pub(super) const MOUNT_ATTR_NODEV: u64 = 0x04;
 /// `MOUNT_ATTR_NOEXEC`.
 pub(super) const MOUNT_ATTR_NOEXEC: u64 = 0x08;
+/// `MOUNT_ATTR_IDMAP`.
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 
 /// `struct mount_attr`.
 #[repr(C)]
@@ -275,6 +277,39 @@ pub(super) fn mount_setattr(dirfd: RawFd, path: &CStr, flags: i32, set: u64) -> 
         )
     })
     .map(drop)
+}
+
+/// mount_setattr(2) of `MOUNT_ATTR_IDMAP` on a detached mount: the files
+/// it shows are owned through the id mapping of the user namespace
+/// `userns` (an id `n` on disk appears as whatever `n` maps to there).
+pub(super) fn mount_setattr_idmap(mount: RawFd, userns: RawFd) -> Result<(), Errno> {
+    let attr =
+        MountAttr { attr_set: MOUNT_ATTR_IDMAP, attr_clr: 0, propagation: 0, userns_fd: userns as u64 };
+    // SAFETY: the path is the empty C string, used with AT_EMPTY_PATH; attr
+    // is a valid mount_attr of the size passed.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mount,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })
+    .map(drop)
+}
+
+/// fchownat(2) without following a final symlink; an empty `name` means
+/// `dirfd` itself.
+pub(super) fn chown_at(dirfd: RawFd, name: &CStr, uid: u32, gid: u32) -> Result<(), Errno> {
+    let flags = if name.is_empty() {
+        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW
+    } else {
+        libc::AT_SYMLINK_NOFOLLOW
+    };
+    // SAFETY: name is NUL-terminated.
+    check(unsafe { libc::fchownat(dirfd, name.as_ptr(), uid, gid, flags) } as libc::c_long).map(drop)
 }
 
 /// pidfd_send_signal(2).
@@ -582,6 +617,20 @@ pub(super) fn reap_pidfd(pidfd: RawFd) {
     match wait_pidfd_nohang(pidfd) {
         Ok(_) | Err(Errno::ECHILD) => {}
         Err(errno) => tracing::debug!(%errno, "reaping a shim"),
+    }
+}
+
+/// waitid(P_PIDFD, WEXITED), blocking, for a child known to be exiting
+/// right away; the status is not needed.
+pub(super) fn wait_pidfd_blocking(pidfd: RawFd) {
+    loop {
+        // SAFETY: an all-zero siginfo_t is a valid out-buffer.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid with a pidfd and a valid out-pointer.
+        let result = unsafe { libc::waitid(libc::P_PIDFD, pidfd as libc::id_t, &mut info, libc::WEXITED) };
+        if result == 0 || Errno::last() != Errno::EINTR {
+            return;
+        }
     }
 }
 

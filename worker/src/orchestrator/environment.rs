@@ -292,6 +292,12 @@ async fn build(
     remove_build_container(shared, key).await;
     let upper = shared.engine.container_dir(&id).join("upper");
     let injected = inject_host_files(shared, &upper).map_err(|error| fail(error.to_string(), Vec::new()))?;
+    if let Some(range) = shared.engine.user_namespace() {
+        // In user-namespace mode the container's root owns what it finds.
+        crate::engine::shift_tree(&upper, range).map_err(|error| {
+            fail(format!("giving {} to the container's root: {error}", upper.display()), Vec::new())
+        })?;
+    }
     let mut spec = ContainerSpec::new(&id, layers.to_vec(), vec!["sleep".into(), "86400".into()]);
     spec.root.scratch = Scratch::Disk;
     spec.network = NetworkMode::Host;
@@ -386,6 +392,14 @@ async fn build(
         return Err(fail(message, log));
     }
     injected.remove(&upper);
+    if let Some(range) = shared.engine.user_namespace() {
+        // Cached layers hold image ids in either mode: what the build's root
+        // wrote as host id START+n is stored as n (see engine::unshift_tree).
+        if let Err(error) = crate::engine::unshift_tree(&upper, range) {
+            remove_build_container(shared, key).await;
+            return Err(fail(format!("shifting the layer's owners back to image ids: {error}"), log));
+        }
+    }
     Ok((upper, log))
 }
 

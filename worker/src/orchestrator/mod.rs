@@ -151,6 +151,8 @@ pub struct WorkerConfig {
     pub jetstream: JetStreamSettings,
     /// What to do with limits this host's cgroups cannot enforce.
     pub unavailable_limits: UnavailableLimits,
+    /// User-namespace mode: containers' ids mapped to this host range.
+    pub user_namespace: Option<crate::engine::IdRange>,
     /// Cgroup under which containers' cgroups are made.
     pub cgroup_parent: String,
     /// Test seam: SIGKILL this process at this point of the first task that reaches it.
@@ -184,6 +186,7 @@ impl WorkerConfig {
             shutdown_grace: Duration::from_secs(30),
             jetstream: JetStreamSettings::default(),
             unavailable_limits: UnavailableLimits::Refuse,
+            user_namespace: None,
             cgroup_parent: "quilt".to_owned(),
             crash_at: None,
             long_running: LongRunningConfig {
@@ -492,6 +495,7 @@ where
         state_dir: config.data_dir.join("containers"),
         cgroup_parent: config.cgroup_parent.clone(),
         unavailable_limits: config.unavailable_limits,
+        user_namespace: config.user_namespace,
     })
     .map_err(WorkerError::Engine)?;
     let images = Arc::new(ImageStore::open(&config.data_dir).map_err(WorkerError::Images)?);
