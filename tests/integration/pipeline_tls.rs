@@ -137,23 +137,7 @@ fn a_worker_and_a_client_use_a_tls_only_nats_deployment() {
         dir.path.join("server.pem").display(),
         dir.path.join("server.key").display()
     );
-    std::fs::write(dir.path.join("nats.conf"), config).unwrap();
-    let program = find_nats_server(None).expect("nats-server (2.10+, $QUILT_NATS_SERVER)");
-    let log = std::fs::File::create(dir.path.join("nats.log")).unwrap();
-    let _server = TlsServer(
-        Command::new(program)
-            .arg("-c")
-            .arg(dir.path.join("nats.conf"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + BOUND;
-    while std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
-        assert!(Instant::now() < deadline, "nats-server did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _server = spawn_server(&dir.path, port, &config);
     let url = format!("tls://127.0.0.1:{port}");
     let ca = dir.path.join("ca.pem");
     let ca = ca.to_str().unwrap();
@@ -204,6 +188,13 @@ fn start_server(dir: &Path, port: u16, tls: bool) -> TlsServer {
         .unwrap();
         config.push_str("include \"tls.conf\"\n");
     }
+    spawn_server(dir, port, &config)
+}
+
+/// nats-server with `config` as `dir/nats.conf` (appending to
+/// `dir/nats.log`, with the server certificates of `dir` in the
+/// environment tls.conf reads), once it listens on `port`.
+fn spawn_server(dir: &Path, port: u16, config: &str) -> TlsServer {
     std::fs::write(dir.join("nats.conf"), config).unwrap();
     let log = OpenOptions::new().create(true).append(true).open(dir.join("nats.log")).unwrap();
     let server = TlsServer(

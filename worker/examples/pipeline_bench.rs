@@ -12,6 +12,9 @@
 //!
 //! Usage: pipeline_bench --url URL --bundle DIR --worker-pid PID [--n 100] [--gap-ms 100] [--seconds 10] [--tasks 400]
 
+#[path = "support/publish.rs"]
+mod publish;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -180,25 +183,7 @@ async fn main() {
     let mut results = client.subscribe("quilt.results.*").await.unwrap();
     client.flush().await.unwrap();
     let started = Instant::now();
-    let mut acks = Vec::new();
-    for i in 0..args.tasks {
-        let id = format!("bench-{run}-burst-{i}");
-        let task = serde_json::json!({"id": id, "image": "busybox", "command": ["/bin/true"]});
-        acks.push(
-            jetstream
-                .send_publish(
-                    "quilt.tasks",
-                    PublishMessage::build()
-                        .payload(serde_json::to_vec(&task).unwrap().into())
-                        .message_id(&id),
-                )
-                .await
-                .unwrap(),
-        );
-    }
-    for ack in acks {
-        ack.await.unwrap();
-    }
+    publish::publish_true_tasks(&jetstream, (0..args.tasks).map(|i| format!("bench-{run}-burst-{i}"))).await;
     let mut done = 0;
     while done < args.tasks {
         let message =

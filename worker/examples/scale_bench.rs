@@ -5,10 +5,12 @@
 //!
 //! Usage: scale_bench --url nats://user:password@host:4222 [--tasks 300] [--warmup 20]
 
+#[path = "support/publish.rs"]
+mod publish;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::message::PublishMessage;
 use futures_util::StreamExt;
 
 struct Args {
@@ -54,25 +56,7 @@ async fn burst(client: &async_nats::Client, prefix: &str, count: usize) -> (f64,
     let mut results = client.subscribe("quilt.results.*").await.unwrap();
     client.flush().await.unwrap();
     let started = Instant::now();
-    let mut acks = Vec::new();
-    for i in 0..count {
-        let id = format!("{prefix}-{i}");
-        let task = serde_json::json!({"id": id, "image": "busybox", "command": ["/bin/true"]});
-        acks.push(
-            jetstream
-                .send_publish(
-                    "quilt.tasks",
-                    PublishMessage::build()
-                        .payload(serde_json::to_vec(&task).unwrap().into())
-                        .message_id(&id),
-                )
-                .await
-                .unwrap(),
-        );
-    }
-    for ack in acks {
-        ack.await.unwrap();
-    }
+    publish::publish_true_tasks(&jetstream, (0..count).map(|i| format!("{prefix}-{i}"))).await;
     let mut by_worker = BTreeMap::new();
     let mut done = 0;
     while done < count {
