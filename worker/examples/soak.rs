@@ -16,10 +16,14 @@
 //!   named: `oom_killed`, `timed_out`, `truncated`, `pids_limit_hit`, a
 //!   failed write);
 //! - the worker's resident memory and open descriptors over each lifetime
-//!   between kills (first sample after a warm-up, last before the kill),
-//!   its unreaped children, and the event log's size;
+//!   between kills (first sample after a warm-up, last before the kill,
+//!   and the largest RSS of each minute), its unreaped children, and the
+//!   event log's size;
 //! - after the long-running containers are removed and the worker stopped:
 //!   no cgroup, mount, process, network namespace or zombie left.
+//!
+//! The worker inherits the environment, so `QUILT_USERNS=START:COUNT`
+//! soaks it in user-namespace mode.
 //!
 //! Usage: soak --quilt PATH --busybox-tar TAR --dir DIR [--minutes 30]
 //!             [--kill-every 180] [--rate 4] [--concurrency 4] [--python-image TAR]
@@ -294,6 +298,9 @@ struct Lifetime {
     first_fds: usize,
     last_fds: usize,
     samples: usize,
+    /// The largest RSS seen in each minute of the lifetime (from its start),
+    /// to tell growth that levels off from growth that does not.
+    rss_kib_by_minute: Vec<u64>,
 }
 
 fn import(args: &Args, name: &str, tarball: &Path) {
@@ -408,6 +415,11 @@ async fn main() {
                 life.last_rss_kib = rss;
                 life.last_fds = fds;
                 life.samples += 1;
+                let minute = (worker.started.elapsed().as_secs() / 60) as usize;
+                if life.rss_kib_by_minute.len() <= minute {
+                    life.rss_kib_by_minute.resize(minute + 1, 0);
+                }
+                life.rss_kib_by_minute[minute] = life.rss_kib_by_minute[minute].max(rss);
             }
         }
         if now >= next_kill && now + Duration::from_secs(60) < end {
@@ -511,7 +523,8 @@ async fn main() {
         .map(|life| {
             json!({"rss_kib_first": life.first_rss_kib, "rss_kib_last": life.last_rss_kib,
                 "rss_growth_kib": life.last_rss_kib as i64 - life.first_rss_kib as i64,
-                "fds_first": life.first_fds, "fds_last": life.last_fds, "samples": life.samples})
+                "fds_first": life.first_fds, "fds_last": life.last_fds, "samples": life.samples,
+                "rss_kib_max_by_minute": life.rss_kib_by_minute})
         })
         .collect();
     let ok = missing.is_empty()
