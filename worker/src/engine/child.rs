@@ -41,13 +41,20 @@
 //!    so an image whose /proc or /dev is a symlink gets an error, never a
 //!    mount on the host (CVE-2019-16884, CVE-2019-19921 style attacks).
 //!    Masked paths get a read-only empty tmpfs or /dev/null (checked to be
-//!    the 1:3 character device); read-only paths are rebound read-only;
+//!    the 1:3 character device); read-only paths are rebound read-only.
+//!    In user-namespace mode (see the `userns` module) each image layer is
+//!    first bound onto itself through an idmapped mount, the upper
+//!    directory, /dev (and its nodes) and /dev/shm are given to the
+//!    container's root, and its own network gets
+//!    `ip_unprivileged_port_start` 0;
 //! 4. hostname, loopback up;
 //! 5. pivot_root(".", ".") then a lazy unmount of the old root;
 //! 6. workdir: created, entered, and rejected if it lands on procfs or
 //!    outside the root (getcwd says "(unreachable)"; CVE-2024-21626 leaked a
 //!    host directory through the workdir);
-//! 7. read-only root, rlimits, bounding set, groups/gid/uid (raw syscalls:
+//! 7. read-only root, in user-namespace mode setns into the namespace (an
+//!    exec: into its container's, after the other namespaces), rlimits,
+//!    bounding set, groups/gid/uid (raw syscalls:
 //!    glibc's wrappers broadcast to threads that do not exist in this child),
 //!    capabilities, ambient set, no_new_privs;
 //! 8. every descriptor above 2 marked close-on-exec (close_range), seccomp

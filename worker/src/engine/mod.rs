@@ -23,6 +23,9 @@
 //! finish exiting; that wait blocks the calling thread.)
 //! All mounts live only in the container's own mount namespace, so they
 //! vanish with its last process even if the runtime itself is killed.
+//! With [`EngineConfig::user_namespace`] set, the process also enters a
+//! user namespace that maps container ids to an unprivileged host range
+//! just before it takes its identity (the `userns` module).
 //!
 //! The container's first process is its pid 1: when it exits, the kernel
 //! kills everything else in the pid namespace, daemonised grandchildren
