@@ -247,6 +247,9 @@ struct Shared {
     own_pid_namespace: OwnedFd,
     /// The user namespace containers enter, in user-namespace mode.
     user_namespace: Option<userns::UserNamespace>,
+    /// This process's user namespace (device, inode): an exec into a
+    /// container in another one joins it.
+    own_user_namespace: (u64, u64),
 }
 
 /// The engine: cheap to clone, shareable across tasks.
@@ -295,6 +298,8 @@ impl Engine {
         let own_pid_namespace = std::fs::File::open(OWN_PID_NAMESPACE)
             .map_err(|source| EngineError::KernelInfo { path: OWN_PID_NAMESPACE, source })?
             .into();
+        let own_user_namespace = userns::namespace_of("self")
+            .map_err(|source| EngineError::KernelInfo { path: "/proc/self/ns/user", source })?;
         let user_namespace = match config.user_namespace {
             Some(range) => {
                 let failed = |reason: String| EngineError::UserNamespace { range, reason };
@@ -321,6 +326,7 @@ impl Engine {
                 machine: MachineSize::detect(),
                 own_pid_namespace,
                 user_namespace,
+                own_user_namespace,
             }),
         })
     }
@@ -397,11 +403,10 @@ impl Engine {
         // The container's own user namespace, whatever this engine's mode
         // is now: it may have been started before a restart changed it.
         let pid = target.identity().init.pid;
-        let theirs = userns::namespace_of(pid).map_err(EngineError::Wait)?;
-        let ours = userns::own_namespace().map_err(EngineError::Wait)?;
+        let theirs = userns::namespace_of(&pid.to_string()).map_err(EngineError::Wait)?;
         let name = format!("{}/{}", target.id(), spec.id);
         let mut container = self.create_in(spec, &name, Some(join))?;
-        container.join_user_namespace = theirs != ours;
+        container.join_user_namespace = theirs != self.shared.own_user_namespace;
         Ok(container)
     }
 

@@ -241,18 +241,11 @@ fn remap_tree(root: &Path, map: impl Fn(u32) -> Option<u32>) -> std::io::Result<
     Ok(changed)
 }
 
-/// The user namespace of process `pid`'s, as (device, inode), to tell
-/// whether it is ours.
-pub(super) fn namespace_of(pid: libc::pid_t) -> std::io::Result<(u64, u64)> {
+/// The user namespace of process `pid` (`"self"` for this one), as
+/// (device, inode), to tell whether two processes share one.
+pub(super) fn namespace_of(pid: &str) -> std::io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let metadata = std::fs::metadata(format!("/proc/{pid}/ns/user"))?;
-    Ok((metadata.dev(), metadata.ino()))
-}
-
-/// This process's user namespace, as (device, inode).
-pub(super) fn own_namespace() -> std::io::Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let metadata = std::fs::metadata("/proc/self/ns/user")?;
     Ok((metadata.dev(), metadata.ino()))
 }
 
