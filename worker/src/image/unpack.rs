@@ -1733,7 +1733,24 @@ mod tests {
                 unpack_layer(blob.as_slice(), compression, &sandbox.target, &UnpackLimits::default())
                     .unwrap();
             assert_eq!(report.diff_id, expected_diff_id, "{compression:?}");
-            trees.push(tree(&sandbox.target));
+            // The layer has no entries for `deep` and its child: they are
+            // made when the long name is unpacked and keep the time they
+            // were made at, which differs between unpacks that straddle a
+            // second. Every other mtime comes from the layer and is compared.
+            let implicit = ["deep".to_string(), format!("deep/{}", "x".repeat(150))];
+            let listing = tree(&sandbox.target)
+                .lines()
+                .map(|line| {
+                    let path = line.split(' ').next().unwrap_or_default();
+                    match line.rsplit_once(' ') {
+                        Some((rest, _mtime)) if implicit.iter().any(|dir| dir == path) => {
+                            format!("{rest} -\n")
+                        }
+                        _ => format!("{line}\n"),
+                    }
+                })
+                .collect::<String>();
+            trees.push(listing);
         }
         assert_eq!(trees[0], trees[1]);
         assert_eq!(trees[0], trees[2]);
