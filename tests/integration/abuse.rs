@@ -1,8 +1,9 @@
 //! Resource abuse, each stopped at its limit and named in the outcome: a
 //! fork bomb, a memory bomb, a CPU spin, a disk fill, a /dev/shm fill, file
 //! creation until the inodes run out, descriptor exhaustion and an output
-//! flood. Real containers on the busybox rootfs through `quilt run --local`,
-//! then the same abuses as tasks through a real worker, which keeps serving.
+//! flood; and a disk layer's fill, which stops only at its filesystem. Real
+//! containers on the busybox rootfs through `quilt run --local`, then the
+//! same abuses as tasks through a real worker, which keeps serving.
 //!
 //! Every container runs with a `--timeout` (or a task `timeout_s`), so every
 //! run is bounded even if a limit were missing.
@@ -292,6 +293,93 @@ fn disk_fill_stops_at_the_scratch_size_off_the_host_disk_and_is_named_in(mode: M
         let drop = before[index].saturating_sub(lowest);
         assert!(drop < 128 << 20, "{} lost {drop} bytes of free space during the fill", path.display());
     }
+    assert_nothing_left(&data, "quilt", &id);
+}
+
+/// A small ext4 filesystem in a file, loop-mounted (the loop device is
+/// released on unmount: `autoclear`) as the state directory of a test's
+/// containers, so a disk layer can be filled without filling the host.
+struct SmallFilesystem {
+    mount_point: PathBuf,
+    mounted: bool,
+}
+
+impl SmallFilesystem {
+    fn new(data: &TestDir, megabytes: u64) -> SmallFilesystem {
+        let image = data.path.join("disk.img");
+        std::fs::File::create(&image).unwrap().set_len(megabytes << 20).unwrap();
+        let made = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(&image)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfs.ext4 failed");
+        // `quilt run --local` keeps container directories here.
+        let mount_point = data.path.join("containers");
+        std::fs::create_dir_all(&mount_point).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mount_point)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mounting {} failed", image.display());
+        SmallFilesystem { mount_point, mounted: true }
+    }
+
+    fn unmount(&mut self) {
+        if std::mem::take(&mut self.mounted) {
+            let status = std::process::Command::new("umount").arg(&self.mount_point).status().unwrap();
+            assert!(status.success(), "unmounting {} failed", self.mount_point.display());
+        }
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = std::process::Command::new("umount").arg(&self.mount_point).status();
+        }
+    }
+}
+
+#[test]
+fn a_disk_layer_fill_stops_at_its_filesystem_and_is_named() {
+    a_disk_layer_fill_stops_at_its_filesystem_and_is_named_in(Mode::Host);
+}
+
+#[test]
+fn a_disk_layer_fill_stops_at_its_filesystem_and_is_named_in_a_user_namespace() {
+    a_disk_layer_fill_stops_at_its_filesystem_and_is_named_in(Mode::UserNamespace);
+}
+
+/// Disk scratch is not size-limited (README "Security"): a fill stops where
+/// its filesystem does, here a 48 MiB one, and the outcome names it. The
+/// space comes back when the container is removed.
+fn a_disk_layer_fill_stops_at_its_filesystem_and_is_named_in(mode: Mode) {
+    let id = mode.name("abuse-disk-layer");
+    let data = TestDir::new(&id);
+    let mut filesystem = SmallFilesystem::new(&data, 48);
+    let empty = free_bytes(&filesystem.mount_point);
+    let script = format!("dd if=/dev/zero of=/fill bs=1M count=100; echo dd=$?; {SHOW_UID_MAP}");
+    let (code, outcome) = quilt_run_json_in(
+        mode,
+        &data,
+        &id,
+        &["--scratch", "disk", "--timeout", "20s"],
+        &["/bin/sh", "-c", &script],
+    );
+    assert_eq!(code, 0, "{outcome}");
+    let stdout = outcome["stdout"]["text"].as_str().unwrap();
+    mode.assert_in_effect(stdout);
+    assert!(stdout.contains("dd=1"), "{outcome}");
+    assert!(outcome["stderr"]["text"].as_str().unwrap().contains("No space left on device"), "{outcome}");
+    assert_eq!(outcome["usage"]["scratch_full"], true, "{outcome}");
+    assert_eq!(outcome["usage"]["shm_full"], false, "{outcome}");
+    // The layer was removed with the container, and its space is free again.
+    let after = free_bytes(&filesystem.mount_point);
+    assert!(after + (1 << 20) >= empty, "{after} bytes free after the run, {empty} before");
+    filesystem.unmount();
     assert_nothing_left(&data, "quilt", &id);
 }
 

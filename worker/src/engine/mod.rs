@@ -844,12 +844,16 @@ impl Container {
         if let Some(task) = self.stdin_task.take() {
             task.abort();
         }
+        // Before the output captures close: the space they reserved on the
+        // same filesystem is freed with them.
+        let disk_fill = self.disk_dir.as_deref().and_then(disk_layer_fill);
         let stdout = finish_stream(self.stdout.take()).await;
         let stderr = finish_stream(self.stderr.take()).await;
         let mut usage = Usage::default();
         // Read, then closed, before the cgroup goes: the descriptors keep the
         // tmpfs contents alive, and those pages are charged to the cgroup.
-        let scratch = self.filesystems.scratch.take().and_then(|fd| filesystem_fill(&fd));
+        let scratch =
+            disk_fill.or_else(|| self.filesystems.scratch.take().and_then(|fd| filesystem_fill(&fd)));
         let shm = self.filesystems.shm.take().and_then(|fd| filesystem_fill(&fd));
         usage.scratch_full = scratch.is_some_and(|fill| fill.full);
         usage.shm_full = shm.is_some_and(|fill| fill.full);
@@ -1032,6 +1036,30 @@ fn filesystem_fill(root: &OwnedFd) -> Option<Fill> {
     })
 }
 
+/// How full the filesystem holding a disk layer (container directory
+/// `dir`) was; its upper directory is made by the runtime and opened
+/// without following links, and only given to fstatfs. Unlike tmpfs, ext4
+/// refuses writes while statfs still shows some space available (it keeps
+/// up to 4096 clusters, or 2% of a small filesystem, for itself), so the
+/// layer counts as full with less than 1/20 of the filesystem, at most
+/// 16 MiB, available to ordinary processes.
+fn disk_layer_fill(dir: &Path) -> Option<Fill> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let upper = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir.join("upper"))
+        .ok()?;
+    let status = nix::sys::statfs::fstatfs(&upper).ok()?;
+    let block = status.block_size() as u64;
+    let total = (status.blocks() as u64).saturating_mul(block);
+    let margin = (total / 20).clamp(block.max(1), 16 << 20);
+    Some(Fill {
+        full: (status.blocks_available() as u64).saturating_mul(block) < margin,
+        inodes_exhausted: status.files() as u64 > 0 && status.files_free() as u64 == 0,
+    })
+}
+
 async fn finish_stream(capture: Option<Capture>) -> Result<StreamOutcome, EngineError> {
     let Some(mut capture) = capture else {
         return Ok(StreamOutcome::default());
@@ -1092,9 +1120,9 @@ pub struct Usage {
     pub cpu_throttled_periods: Option<u64>,
     /// Time it spent throttled by the CPU quota, nanoseconds.
     pub cpu_throttled_ns: Option<u64>,
-    /// The in-memory scratch layer had no block left when the container
-    /// ended (a write got ENOSPC). Always false for disk scratch and
-    /// read-only roots, which have no such layer.
+    /// The writable layer had no block left when the container ended (a
+    /// write got ENOSPC): the in-memory scratch, or for disk scratch the
+    /// filesystem holding it. Always false for read-only roots.
     pub scratch_full: bool,
     /// /dev/shm had no block left when the container ended.
     pub shm_full: bool,

@@ -5,7 +5,11 @@
 //!
 //! The pump keeps the first `cap` bytes of each stream in its file and
 //! counts and drops the rest (the result says `truncated`), through one fixed
-//! buffer, so a flood costs CPU but never runtime memory. Consumers that want
+//! buffer, so a flood costs CPU but never runtime memory. Space for the
+//! first 16 MiB of each stream is reserved when the file is made, so a full
+//! filesystem (a container's disk layer shares it) does not cost the kept
+//! output; past that, if it fills up, the pump keeps what it has and drops
+//! the rest the same way. Consumers that want
 //! the output live ([`OutputFollower`]) read the file behind the pump at their
 //! own pace; the pump announces progress on a `watch` channel and never waits
 //! for them.
@@ -54,6 +58,7 @@ impl Capture {
             .mode(0o600)
             .custom_flags(libc::O_TMPFILE)
             .open(directory)?;
+        reserve(&file, cap.min(RESERVED_MAX));
         let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(pipe)?;
         let (sender, progress) = watch::channel(StreamProgress::default());
         let task = tokio::spawn(pump(receiver, file.try_clone()?, cap, sender));
@@ -88,10 +93,29 @@ impl Capture {
     }
 }
 
+/// The most space reserved up front for one stream's capture.
+const RESERVED_MAX: u64 = 16 << 20;
+
+/// Allocates `bytes` for `file` without changing its size, so that what is
+/// kept of a stream (up to that much) still fits when the filesystem fills
+/// up (a container's disk layer shares it). Where the filesystem cannot,
+/// nothing is reserved.
+fn reserve(file: &File, bytes: u64) {
+    if bytes == 0 {
+        return;
+    }
+    let length = libc::off_t::try_from(bytes).unwrap_or(libc::off_t::MAX);
+    if let Err(error) =
+        nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE, 0, length)
+    {
+        tracing::debug!(%error, "output capture: reserving space");
+    }
+}
+
 async fn pump(
     mut pipe: tokio::net::unix::pipe::Receiver,
     file: File,
-    cap: u64,
+    mut cap: u64,
     progress: watch::Sender<StreamProgress>,
 ) -> std::io::Result<StreamProgress> {
     let mut buffer = vec![0u8; BUFFER_SIZE];
@@ -105,8 +129,18 @@ async fn pump(
         if keep > 0 {
             // A page-cache write; cheap enough not to need a blocking thread.
             // Positional, so readers sharing the descriptor never move our offset.
-            file.write_all_at(&buffer[..keep], state.captured)?;
-            state.captured += keep as u64;
+            match file.write_all_at(&buffer[..keep], state.captured) {
+                Ok(()) => state.captured += keep as u64,
+                // The state directory's filesystem is full (a container's
+                // disk layer can fill it): keep what is kept, and count and
+                // drop the rest as if the cap were reached, rather than stop
+                // draining the container's pipe.
+                Err(error) if matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+                    tracing::warn!(kept = state.captured, "output capture: {error}; the rest is dropped");
+                    cap = state.captured;
+                }
+                Err(error) => return Err(error),
+            }
         }
         state.produced += read as u64;
         progress.send_replace(state);

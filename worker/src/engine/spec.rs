@@ -99,7 +99,8 @@ pub enum Scratch {
     Memory,
     /// A directory under the engine's state directory, on disk, kept until
     /// the container is finished (for long-running containers and builds).
-    /// Not size-limited.
+    /// Not size-limited: it can fill its filesystem (overlayfs writes it
+    /// as root, so ext4's blocks reserved for root are no protection).
     Disk,
 }
 
