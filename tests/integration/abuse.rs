@@ -287,11 +287,12 @@ fn disk_fill_stops_at_the_scratch_size_off_the_host_disk_and_is_named_in(mode: M
     assert_eq!(outcome["usage"]["shm_full"], false, "{outcome}");
     assert_eq!(outcome["status"], "succeeded", "{outcome}");
     // The 256 MiB went to memory, not to the host's disk: its free space moved
-    // by far less (other work on the machine writes meanwhile too).
+    // by clearly less. Other work on the machine writes meanwhile too (a
+    // build alongside took 140 MiB once), so the bound is 3/4 of the fill.
     for (index, path) in host_paths.iter().enumerate() {
         let lowest = samples.iter().map(|sample| sample[index]).min().unwrap();
         let drop = before[index].saturating_sub(lowest);
-        assert!(drop < 128 << 20, "{} lost {drop} bytes of free space during the fill", path.display());
+        assert!(drop < 192 << 20, "{} lost {drop} bytes of free space during the fill", path.display());
     }
     assert_nothing_left(&data, "quilt", &id);
 }
