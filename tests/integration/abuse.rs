@@ -1,7 +1,8 @@
 //! Resource abuse, each stopped at its limit and named in the outcome: a
 //! fork bomb, a memory bomb, a CPU spin, a disk fill, a /dev/shm fill, file
 //! creation until the inodes run out, descriptor exhaustion and an output
-//! flood; and a disk layer's fill, which stops only at its filesystem. Real
+//! flood; a disk layer's fill, which stops at its size, and a directory
+//! layer's, which stops at its filesystem. Real
 //! containers on the busybox rootfs through `quilt run --local`, then the
 //! same abuses as tasks through a real worker, which keeps serving.
 //!
@@ -19,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use quilt_tests::pipeline::{assert_worker_left_nothing, task, Agent, Setup, Worker, BOUND};
 use quilt_tests::{
-    assert_nothing_left, cgroup_dirs, processes_matching, quilt_run_json_in, Mode, TestDir, SHOW_UID_MAP,
+    assert_no_loop_devices_under, assert_nothing_left, cgroup_dirs, processes_matching, quilt_run_json_in,
+    Mode, TestDir, SHOW_UID_MAP,
 };
 use serde_json::{json, Value};
 
@@ -345,20 +347,87 @@ impl Drop for SmallFilesystem {
 }
 
 #[test]
-fn a_disk_layer_fill_stops_at_its_filesystem_and_is_named() {
-    a_disk_layer_fill_stops_at_its_filesystem_and_is_named_in(Mode::Host);
+fn a_disk_layer_fill_stops_at_its_size() {
+    a_disk_layer_fill_stops_at_its_size_in(Mode::Host);
 }
 
 #[test]
-fn a_disk_layer_fill_stops_at_its_filesystem_and_is_named_in_a_user_namespace() {
-    a_disk_layer_fill_stops_at_its_filesystem_and_is_named_in(Mode::UserNamespace);
+fn a_disk_layer_fill_stops_at_its_size_in_a_user_namespace() {
+    a_disk_layer_fill_stops_at_its_size_in(Mode::UserNamespace);
 }
 
-/// Disk scratch is not size-limited (README "Security"): a fill stops where
-/// its filesystem does, here a 48 MiB one, and the outcome names it. The
-/// space comes back when the container is removed.
-fn a_disk_layer_fill_stops_at_its_filesystem_and_is_named_in(mode: Mode) {
-    let id = mode.name("abuse-disk-layer");
+/// `--scratch disk` is a filesystem of its own of the scratch size (32 MiB
+/// here): a 100 MiB fill stops inside it, with the host's data disk
+/// gigabytes from full, and the outcome names it. The layer's mount and
+/// loop device go with the container.
+fn a_disk_layer_fill_stops_at_its_size_in(mode: Mode) {
+    let id = mode.name("abuse-disk-layer-size");
+    let data = TestDir::new(&id);
+    let script = format!(
+        "dd if=/dev/zero of=/fill bs=1M count=100; echo dd=$?; ls -l /fill; grep ' / ' /proc/mounts | cut -d' ' -f3; \
+         {SHOW_UID_MAP}"
+    );
+    let (code, outcome) = quilt_run_json_in(
+        mode,
+        &data,
+        &id,
+        &["--scratch", "disk", "--scratch-size", "32M", "--timeout", "20s"],
+        &["/bin/sh", "-c", &script],
+    );
+    assert_eq!(code, 0, "{outcome}");
+    let stdout = outcome["stdout"]["text"].as_str().unwrap();
+    mode.assert_in_effect(stdout);
+    assert!(stdout.contains("dd=1\n"), "{outcome}");
+    assert!(stdout.contains("\noverlay\n"), "{outcome}");
+    assert!(outcome["stderr"]["text"].as_str().unwrap().contains("No space left on device"), "{outcome}");
+    // What fitted: the 32 MiB less the filesystem's journal and metadata.
+    let size: u64 = stdout.split_whitespace().nth(5).and_then(|field| field.parse().ok()).unwrap();
+    assert!(((20 << 20)..=(32 << 20)).contains(&size), "/fill is {size} bytes: {outcome}");
+    assert!(free_bytes(&data.path) > 1 << 30, "the data disk itself has room");
+    assert_eq!(outcome["usage"]["scratch_full"], true, "{outcome}");
+    assert_eq!(outcome["usage"]["shm_full"], false, "{outcome}");
+    assert_nothing_left(&data, "quilt", &id);
+}
+
+#[test]
+fn a_disk_layer_bigger_than_the_data_disk_has_room_for_is_refused() {
+    let id = "abuse-disk-layer-room";
+    let data = TestDir::new(id);
+    let mut filesystem = SmallFilesystem::new(&data, 48);
+    let (code, outcome) = quilt_run_json_in(
+        Mode::Host,
+        &data,
+        id,
+        &["--scratch", "disk", "--scratch-size", "1G", "--timeout", "20s"],
+        &["/bin/true"],
+    );
+    assert_eq!(code, 125, "{outcome}");
+    assert_eq!(outcome["status"], "error", "{outcome}");
+    let message = outcome["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("no space for a 1024 MiB disk layer at "), "{outcome}");
+    assert!(!filesystem.mount_point.join(id).exists(), "the container's directory was left");
+    assert_no_loop_devices_under(&filesystem.mount_point);
+    filesystem.unmount();
+    assert_nothing_left(&data, "quilt", id);
+}
+
+#[test]
+fn a_directory_layer_fill_stops_at_its_filesystem_and_is_named() {
+    a_directory_layer_fill_stops_at_its_filesystem_and_is_named_in(Mode::Host);
+}
+
+#[test]
+fn a_directory_layer_fill_stops_at_its_filesystem_and_is_named_in_a_user_namespace() {
+    a_directory_layer_fill_stops_at_its_filesystem_and_is_named_in(Mode::UserNamespace);
+}
+
+/// `--scratch directory` (what environment builds use) is not size-limited:
+/// a fill stops where the data directory's filesystem does, here a 48 MiB
+/// one, the outcome names it, and what the container printed is kept even
+/// so (the captures live on that filesystem too). The space comes back
+/// when the container is removed.
+fn a_directory_layer_fill_stops_at_its_filesystem_and_is_named_in(mode: Mode) {
+    let id = mode.name("abuse-directory-layer");
     let data = TestDir::new(&id);
     let mut filesystem = SmallFilesystem::new(&data, 48);
     let empty = free_bytes(&filesystem.mount_point);
@@ -367,7 +436,7 @@ fn a_disk_layer_fill_stops_at_its_filesystem_and_is_named_in(mode: Mode) {
         mode,
         &data,
         &id,
-        &["--scratch", "disk", "--timeout", "20s"],
+        &["--scratch", "directory", "--timeout", "20s"],
         &["/bin/sh", "-c", &script],
     );
     assert_eq!(code, 0, "{outcome}");

@@ -240,12 +240,14 @@ async fn a_worker_in_user_namespace_mode_runs_tasks_long_running_containers_and_
     let result = agent.result("u-x1000", BOUND).await;
     assert_eq!(result["stdout"], "1000\nwrote\n", "{result}");
 
-    // On the host, the disk layer holds the container's ids shifted.
-    let upper = find_upper(&setup.data, "data");
-    let data = std::fs::metadata(upper.join("data")).unwrap();
-    assert_eq!((data.uid(), data.gid()), (START, START));
-    assert_eq!(std::fs::metadata(upper.join("home/app/mine")).unwrap().uid(), START + 1000);
-    assert_eq!(std::fs::metadata(&upper).unwrap().uid(), START, "the layer's top is the container's /");
+    // On disk, the layer (a filesystem of its own, read with debugfs once
+    // the container synced it) holds the container's ids shifted.
+    agent.submit(&exec("u-sync", &["sync"])).await;
+    assert_eq!(agent.result("u-sync", BOUND).await["status"], "succeeded");
+    let image = find_layer_image(&setup.data);
+    assert_eq!(owner_in_image(&image, "/upper/data"), (START, START));
+    assert_eq!(owner_in_image(&image, "/upper/home/app/mine"), (START + 1000, START + 1000));
+    assert_eq!(owner_in_image(&image, "/upper"), (START, START), "the layer's top is the container's /");
 
     let removed =
         agent.request("quilt.api.any.containers.remove", &json!({"name": "box", "grace_s": 1})).await;
@@ -255,15 +257,30 @@ async fn a_worker_in_user_namespace_mode_runs_tasks_long_running_containers_and_
     setup.broker.stop().await;
 }
 
-/// The upper directory of the one long-running container in `data` that
-/// holds `name`.
-fn find_upper(data: &Path, name: &str) -> PathBuf {
-    std::fs::read_dir(data.join("containers"))
+/// The disk layer image of the one long-running container in `data`.
+fn find_layer_image(data: &Path) -> PathBuf {
+    let images: Vec<PathBuf> = std::fs::read_dir(data.join("containers"))
         .unwrap()
         .flatten()
-        .map(|entry| entry.path().join("upper"))
-        .find(|upper| upper.join(name).exists())
-        .unwrap_or_else(|| panic!("no container upper directory holds {name}"))
+        .map(|entry| entry.path().join("layer.img"))
+        .filter(|image| image.exists())
+        .collect();
+    assert_eq!(images.len(), 1, "{images:?}");
+    images[0].clone()
+}
+
+/// The owner of `path` inside the ext4 image `image`, read with debugfs
+/// (read-only, `-c`: the filesystem is mounted in its container).
+fn owner_in_image(image: &Path, path: &str) -> (u32, u32) {
+    let output =
+        Command::new("debugfs").arg("-c").arg("-R").arg(format!("stat {path}")).arg(image).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let field = |name: &str| -> u32 {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let at = words.iter().position(|word| *word == name).unwrap_or_else(|| panic!("no {name} in {text}"));
+        words[at + 1].parse().unwrap()
+    };
+    (field("User:"), field("Group:"))
 }
 
 /// Host ids in `range` under `root` (symlinks not followed): none may be

@@ -189,6 +189,7 @@ pub fn assert_nothing_left(data: &TestDir, parent: &str, id: &str) {
     for dir in cgroup_dirs(parent, id) {
         assert!(!dir.exists(), "cgroup {} left behind", dir.display());
     }
+    assert_no_loop_devices_under(&data.path);
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let data_path = data.path.to_string_lossy();
     for line in mountinfo.lines() {
@@ -381,4 +382,33 @@ pub fn run_image(data: &TestDir, id: &str, image: &str, command: &[&str]) -> Str
     assert_ok(&output);
     assert_nothing_left(data, "quilt", id);
     text(&output.stdout)
+}
+
+/// Loop devices whose backing file is under `dir`, as "loopN: file".
+pub fn loop_devices_backed_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else { return found };
+    for entry in entries.flatten() {
+        if let Ok(file) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
+            if Path::new(file.trim()).starts_with(dir) {
+                found.push(format!("{}: {}", entry.file_name().to_string_lossy(), file.trim()));
+            }
+        }
+    }
+    found
+}
+
+/// No loop device is backed by a file under `dir` (a disk layer's device
+/// detaches itself once its container's mount namespace is gone, which the
+/// kernel may finish a moment after the last process: bounded wait).
+pub fn assert_no_loop_devices_under(dir: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = loop_devices_backed_under(dir);
+        if left.is_empty() {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "loop devices left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

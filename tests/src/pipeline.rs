@@ -166,13 +166,18 @@ impl Worker {
         self.wait_log_after(ready_mark, "worker ready");
     }
 
-    /// AckWait 2 s, 10 s shutdown grace and no pulls, unless the test's own
-    /// arguments set them (a flag may be given once); tests that exercise
-    /// pulling say so with `--insecure-registry`.
+    /// AckWait 2 s, 10 s shutdown grace, 64 MiB long-running disk layers and
+    /// no pulls, unless the test's own arguments set them (a flag may be
+    /// given once); tests that exercise pulling say so with
+    /// `--insecure-registry`.
     fn defaults(&self) -> Vec<&'static str> {
         let given = |flag: &str| self.args.iter().any(|arg| arg == flag);
         let mut defaults = Vec::new();
-        for (flag, value) in [("--ack-wait", "2s"), ("--shutdown-grace", "10s")] {
+        // Long-running containers' disk layers are allocated in full: 64 MiB
+        // each rather than the default 1 GiB, as tests make dozens.
+        for (flag, value) in
+            [("--ack-wait", "2s"), ("--shutdown-grace", "10s"), ("--long-running-disk", "64M")]
+        {
             if !given(flag) {
                 defaults.extend([flag, value]);
             }
@@ -300,6 +305,7 @@ pub fn assert_worker_left_nothing(worker_id: &str, data_dir: &Path) {
     for line in mountinfo.lines() {
         assert!(!line.contains(data.as_ref()), "mount left behind: {line}");
     }
+    crate::assert_no_loop_devices_under(data_dir);
     let containers = data_dir.join("containers");
     if let Ok(entries) = std::fs::read_dir(&containers) {
         let left: Vec<_> = entries.flatten().map(|entry| entry.path()).collect();

@@ -20,7 +20,8 @@
 //!   and the largest RSS of each minute), its unreaped children, and the
 //!   event log's size;
 //! - after the long-running containers are removed and the worker stopped:
-//!   no cgroup, mount, process, network namespace or zombie left.
+//!   no cgroup, mount, loop device, process, network namespace or zombie
+//!   left.
 //!
 //! The worker inherits the environment, so `QUILT_USERNS=START:COUNT`
 //! soaks it in user-namespace mode.
@@ -511,6 +512,7 @@ async fn main() {
         .filter(|line| line.contains(&data))
         .map(str::to_owned)
         .collect();
+    let loop_devices = loop_devices_backed_under(&args.dir.join("data"));
     let shims = processes_of(&shim);
     let quilt_processes: HashSet<i32> =
         processes_of(&args.quilt).into_iter().chain(shims.iter().copied()).collect();
@@ -534,6 +536,7 @@ async fn main() {
         && stopped.success()
         && cgroups.is_empty()
         && mounts.is_empty()
+        && loop_devices.is_empty()
         && shims.is_empty()
         && new_zombies.is_empty()
         && new_namespaces == 0;
@@ -553,10 +556,25 @@ async fn main() {
         "worker_unreaped_children_max": worker_zombies_max,
         "worker_exit_on_sigterm": stopped.to_string(),
         "left_behind": {
-            "cgroups": cgroups, "mounts": mounts, "shim_processes": shims,
+            "cgroups": cgroups, "mounts": mounts, "loop_devices": loop_devices, "shim_processes": shims,
             "zombies": new_zombies, "network_namespaces": new_namespaces,
         },
     });
     println!("{}", serde_json::to_string_pretty(&summary).unwrap());
     std::process::exit(if ok { 0 } else { 1 });
+}
+
+/// Loop devices whose backing file is under `dir` (disk layers whose
+/// device outlived their container).
+fn loop_devices_backed_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else { return found };
+    for entry in entries.flatten() {
+        if let Ok(file) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
+            if Path::new(file.trim()).starts_with(dir) {
+                found.push(format!("{}: {}", entry.file_name().to_string_lossy(), file.trim()));
+            }
+        }
+    }
+    found
 }

@@ -76,10 +76,12 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     pub(crate) read_only: bool,
     /// Where the container's writes go: memory (a tmpfs counted in its memory
-    /// limit, gone with the container) or disk (a directory in the data dir).
+    /// limit, gone with the container), disk (a filesystem of the scratch size
+    /// of its own, in the data dir) or directory (a plain directory in the
+    /// data dir, not size-limited).
     #[arg(long, default_value = "memory")]
     pub(crate) scratch: String,
-    /// Size of the in-memory scratch layer, e.g. 64M (default 256M, at most the memory limit).
+    /// Size of the scratch layer, e.g. 64M (default 256M; in memory, at most the memory limit).
     #[arg(long, allow_hyphen_values = true)]
     pub(crate) scratch_size: Option<String>,
     /// Feed this file to the command's stdin ("-" for Quilt's own stdin).
@@ -300,7 +302,10 @@ async fn run_local(data_dir: &Path, args: RunArgs) -> anyhow::Result<u8> {
         user_namespace: args.userns,
     })
     .context("starting the container engine")?;
-    let mut container = engine.create(spec)?;
+    let mut container = match engine.create(spec) {
+        Ok(container) => container,
+        Err(error) => return Ok(report_start_error(&error, args.json)),
+    };
     if let Err(error) = container.start().await {
         // Best effort: the start error is the one worth reporting.
         let _ = container.finish().await;

@@ -37,6 +37,11 @@ pub(crate) struct WorkerArgs {
     /// Most processes a task may have.
     #[arg(long, env = "QUILT_MAX_PIDS", default_value_t = 4096)]
     max_pids: u64,
+    /// Size of a long-running container's writable layer, e.g. 1G: a
+    /// filesystem of its own, allocated in full on the data disk when the
+    /// container is made.
+    #[arg(long, env = "QUILT_LONG_RUNNING_DISK", default_value = "1G")]
+    long_running_disk: String,
     /// Let tasks ask for the host's network ("network": "host").
     #[arg(long, env = "QUILT_ALLOW_HOST_NETWORK")]
     allow_host_network: bool,
@@ -167,6 +172,7 @@ fn worker_config(data_dir: &Path, args: WorkerArgs) -> anyhow::Result<WorkerConf
         default_timeout: duration("default-timeout", &args.default_timeout)?,
         max_timeout: duration("max-timeout", &args.max_timeout)?,
         max_pids: args.max_pids,
+        long_running_disk_bytes: size("long-running-disk", &args.long_running_disk)?,
         ..TaskLimitsPolicy::default()
     };
     config.limits.default_memory_bytes =

@@ -167,6 +167,8 @@ pub enum SetupStep {
     UnprivilegedPorts,
     /// Entering the user namespace.
     UserNamespace,
+    /// Moving the disk layer's filesystem into place.
+    DiskScratch,
 }
 
 impl SetupStep {
@@ -218,6 +220,7 @@ impl SetupStep {
         SetupStep::Ownership,
         SetupStep::UnprivilegedPorts,
         SetupStep::UserNamespace,
+        SetupStep::DiskScratch,
     ];
 
     /// Decode a step number from the report pipe.
@@ -280,6 +283,7 @@ impl SetupStep {
             SetupStep::Ownership => "giving the container's root its directories (user-namespace mode)",
             SetupStep::UnprivilegedPorts => "setting the container network's ip_unprivileged_port_start",
             SetupStep::UserNamespace => "entering the user namespace",
+            SetupStep::DiskScratch => "moving the disk layer's filesystem into place",
         }
     }
 }
@@ -304,7 +308,12 @@ pub(super) enum RootPlan {
     /// Mounted with mount(2) rather than fsconfig, whose string values are
     /// capped at 256 bytes; the layers are named relative to `layer_dir` (their
     /// common parent, entered first) so that a page of options holds dozens.
-    Overlay { options: CString, layer_dir: Option<CString>, memory_scratch: Option<MemoryScratch> },
+    Overlay {
+        options: CString,
+        layer_dir: Option<CString>,
+        memory_scratch: Option<MemoryScratch>,
+        disk_scratch: Option<DiskScratch>,
+    },
     /// A read-only bind of a single directory (a read-only root of several
     /// layers is an overlay without `upper`).
     ReadOnlyBind { source: CString },
@@ -320,6 +329,16 @@ pub(super) struct MemoryScratch {
     size: CString,
     /// `nr_inodes`: see [`super::spec::scratch_inodes`].
     inodes: CString,
+    mount_point: CString,
+}
+
+/// A disk layer's ext4 filesystem (see the `disk_layer` module), mounted
+/// by the runtime (the setup process, in the container's cgroup, may not
+/// open block devices) and moved to `mount_point` inside the container's
+/// mount namespace only.
+pub(super) struct DiskScratch {
+    /// The detached mount (from fsmount), set once it is made.
+    mount: RawFd,
     mount_point: CString,
 }
 
@@ -416,6 +435,9 @@ pub(super) struct RootPaths {
     /// container's mount namespace) and its size in bytes; `upper`, `work`
     /// and `target` are then directories on that tmpfs.
     pub(super) memory_scratch: Option<(std::path::PathBuf, u64)>,
+    /// For a disk layer of its own filesystem: where it is mounted (inside
+    /// the container's mount namespace); `upper` and `work` are on it.
+    pub(super) disk_scratch: Option<std::path::PathBuf>,
 }
 
 fn c_string(text: impl Into<Vec<u8>>) -> CString {
@@ -430,6 +452,13 @@ fn c_path(path: &std::path::Path) -> CString {
 }
 
 impl ChildPlan {
+    /// The disk layer's detached mount, once made.
+    pub(super) fn set_disk_mount(&mut self, mount: RawFd) {
+        if let RootPlan::Overlay { disk_scratch: Some(disk), .. } = &mut self.root {
+            disk.mount = mount;
+        }
+    }
+
     /// Turn a validated spec into the child's plan.
     pub(super) fn prepare(
         spec: &ContainerSpec,
@@ -450,6 +479,10 @@ impl ChildPlan {
                     inodes: c_string(super::spec::scratch_inodes(*size).to_string()),
                     mount_point: c_path(mount_point),
                 }),
+                disk_scratch: paths
+                    .disk_scratch
+                    .as_ref()
+                    .map(|mount_point| DiskScratch { mount: -1, mount_point: c_path(mount_point) }),
             }
         };
         let env = spec.effective_env();
@@ -948,7 +981,8 @@ fn stdio(plan: &ChildPlan) -> StepResult {
 /// more); close-on-exec only closes them at exec, and until then a workdir
 /// or a `PATH` entry of `/dev/fd/N/..` walks out of the root through one
 /// (the CVE-2024-21626 pattern). Kept: the report channel, the cgroup
-/// `tasks` files and an exec's pidfd, none of them a directory. No
+/// `tasks` files, an exec's pidfd, and the disk layer's detached mount,
+/// the only directory, which the root mount closes once it is in place. No
 /// allocation: the kept numbers are sorted in a stack array and the gaps
 /// between them closed with close_range(2).
 fn close_unneeded_descriptors(plan: &ChildPlan) -> Result<(), Errno> {
@@ -960,8 +994,16 @@ fn close_unneeded_descriptors(plan: &ChildPlan) -> Result<(), Errno> {
         _ => None,
     };
     let user_namespace = plan.user_namespace.as_ref().and_then(|userns| userns.fd);
-    for fd in
-        [plan.report].into_iter().chain(plan.cgroup_tasks.iter().copied()).chain(join).chain(user_namespace)
+    let disk_mount = match &plan.root {
+        RootPlan::Overlay { disk_scratch: Some(disk), .. } => Some(disk.mount),
+        _ => None,
+    };
+    for fd in [plan.report]
+        .into_iter()
+        .chain(plan.cgroup_tasks.iter().copied())
+        .chain(join)
+        .chain(user_namespace)
+        .chain(disk_mount)
     {
         if fd > 2 && count < MAX_KEPT {
             kept[count] = fd;
@@ -1089,7 +1131,7 @@ fn mounts(plan: &ChildPlan) -> StepResult {
 
     let mut scratch_root = None;
     let root = match &plan.root {
-        RootPlan::Overlay { options, layer_dir, memory_scratch } => {
+        RootPlan::Overlay { options, layer_dir, memory_scratch, disk_scratch } => {
             if let Some(scratch) = memory_scratch {
                 let tmpfs = new_mount(
                     c"tmpfs",
@@ -1109,6 +1151,11 @@ fn mounts(plan: &ChildPlan) -> StepResult {
                 if plan.report_filesystems {
                     scratch_root = Some(filesystem_root(&tmpfs)?);
                 }
+            }
+            if let Some(disk) = disk_scratch {
+                sys::move_mount_path(disk.mount, &disk.mount_point).at(SetupStep::DiskScratch)?;
+                // SAFETY: closing a descriptor nothing else in this process uses.
+                errno_of(unsafe { libc::close(disk.mount) } as libc::c_long).at(SetupStep::DiskScratch)?;
             }
             if let Some(userns) = &plan.user_namespace {
                 for layer in &userns.layers {

@@ -37,9 +37,10 @@ use tokio::io::unix::AsyncFd;
 
 use super::cgroup::{CgroupController, CgroupLimits};
 use super::child::{self, ChildDescriptors, ChildPlan, ShimLaunch};
-use super::spec::{NetworkMode, Scratch};
+use super::spec::NetworkMode;
 use super::{
-    pipe, read_setup_report, root_paths, seccomp, sys, ContainerSpec, Engine, EngineError, ExitStatus,
+    pipe, read_setup_report, root_paths, seccomp, sys, ContainerSpec, DiskLayout, Engine, EngineError,
+    ExitStatus,
 };
 
 /// How long-running containers are run.
@@ -165,15 +166,26 @@ impl Engine {
     ) -> Result<LongRunning, EngineError> {
         spec.validate(&self.shared.machine)?;
         self.check_mapped(&spec)?;
-        if spec.root.scratch != Scratch::Disk && !spec.root.read_only {
+        let dir = self.container_dir(&spec.id);
+        let layout = match self.disk_layout(&spec) {
+            // Made by a Quilt without disk layers of their own: its files
+            // stay where they are.
+            Some(DiskLayout::OwnFilesystem)
+                if dir.join("upper").exists() && !dir.join(super::disk_layer::IMAGE).exists() =>
+            {
+                Some(DiskLayout::Directory)
+            }
+            layout => layout,
+        };
+        if layout.is_none() && !spec.root.read_only {
             return Err(EngineError::State("long-running containers keep their writes on disk"));
         }
-        let dir = self.container_dir(&spec.id);
-        for sub in ["rootfs", "upper", "work", "logs"] {
-            let path = dir.join(sub);
-            std::fs::create_dir_all(&path).map_err(|source| EngineError::StateDirectory { path, source })?;
+        let logs = dir.join("logs");
+        std::fs::create_dir_all(&logs)
+            .map_err(|source| EngineError::StateDirectory { path: logs, source })?;
+        if let Some(layout) = layout {
+            self.make_disk_layer(&dir, layout, &spec.limits)?;
         }
-        self.own_upper(&dir.join("upper"))?;
         let cgroups = &self.shared.cgroups;
         let container_cgroup = match cgroups.open_existing(&spec.id) {
             Some(cgroup) => cgroup,
@@ -220,7 +232,13 @@ impl Engine {
             .map_err(|source| EngineError::StateDirectory { path: shim_log_path, source })?
             .into();
         let attach = leaf.attach_files()?;
-        let paths = root_paths(&self.shared.config.state_dir, Some(&dir), &spec);
+        let paths =
+            root_paths(&self.shared.config.state_dir, layout.map(|layout| (dir.as_path(), layout)), &spec);
+        // Closed once the setup process has moved it into place (or failed).
+        let disk_mount = match layout {
+            Some(DiskLayout::OwnFilesystem) => Some(self.mount_disk_layer(&dir)?),
+            _ => None,
+        };
         let mut namespaces = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
         if spec.network == NetworkMode::None {
             namespaces |= libc::CLONE_NEWNET;
@@ -256,6 +274,9 @@ impl Engine {
                 self.shared.last_capability,
             );
             plan.die_with_parent = true;
+            if let Some(mount) = &disk_mount {
+                plan.set_disk_mount(mount.as_raw_fd());
+            }
             plan.user_namespace = self.userns_plan(&spec);
             let mut argv: Vec<*const libc::c_char> =
                 arguments.iter().map(|argument| argument.as_ptr()).collect();
@@ -279,7 +300,9 @@ impl Engine {
         drop((output_read, output_write, report_write, hold_read, null, shim_log, attach));
         let shim_pid = spawned.shim.pid;
         let shim_pidfd = spawned.shim.pidfd;
-        if let Some(error) = read_setup_report(report_read).await? {
+        let report = read_setup_report(report_read).await?;
+        drop(disk_mount);
+        if let Some(error) = report {
             // The init failed (the shim records its exit; release it so it
             // can) or the shim never started; either way, wait it out.
             drop(hold_write);

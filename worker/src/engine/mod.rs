@@ -9,10 +9,11 @@
 //!
 //! A container's life: [`Engine::create`] validates the spec and makes its
 //! cgroup with the limits set (and, for disk scratch only, a state directory
-//! `<state>/<id>/` with the overlay upper and work directories; by default
-//! the writable layer is a tmpfs inside the container's mount namespace and
-//! captured output goes to anonymous files, so nothing per container exists
-//! on the host's disk);
+//! `<state>/<id>/` holding the writable layer: an ext4 image of the scratch
+//! size, see the `disk_layer` module, or plain upper and work directories;
+//! by default the writable layer is a tmpfs inside the container's mount
+//! namespace and captured output goes to anonymous files, so nothing per
+//! container exists on the host's disk);
 //! [`Container::start`] clones the setup process straight into fresh pid,
 //! mount, uts, ipc, cgroup and (unless `network: host`) net namespaces, which
 //! builds the root and execs the command (see the `child` module for the
@@ -35,7 +36,9 @@
 //! the cgroup, read before it is removed: OOM kills, forks refused at the
 //! pids limit, and the periods and time the CPU quota throttled it. From
 //! its in-memory filesystems: whether the scratch tmpfs (the writable root)
-//! and /dev/shm had no block, or no inode, left ([`Usage`]). Those tmpfs
+//! and /dev/shm had no block, or no inode, left ([`Usage`]); a disk layer's
+//! filesystem is mounted by the runtime itself, which keeps its descriptor
+//! for the same fstatfs. Those tmpfs
 //! mounts exist only in the container's mount namespace and vanish with its
 //! pid 1, and resolving `/proc/<pid>/root/...` from the host would follow
 //! paths the container controls; instead the setup process opens an
@@ -65,6 +68,7 @@ mod capabilities;
 mod cgroup;
 #[allow(unsafe_code)]
 mod child;
+mod disk_layer;
 mod long_running;
 mod output;
 #[cfg_attr(test, allow(unsafe_code))]
@@ -90,6 +94,7 @@ pub use bundle::{load_bundle, BundleError};
 pub use capabilities::{Capability, CapabilitySet, DEFAULT_CAPABILITIES};
 pub use cgroup::CgroupVersion;
 pub use child::SetupStep;
+pub use disk_layer::DiskLayerError;
 pub use long_running::{Adoption, LongRunning, LongRunningConfig, ProcessIdentity, RunEnd, RunIdentity};
 pub use output::{OutputFollower, StreamProgress};
 pub use spec::{
@@ -182,6 +187,9 @@ pub enum EngineError {
         /// What failed.
         reason: String,
     },
+    /// A disk layer could not be made or attached.
+    #[error(transparent)]
+    DiskLayer(#[from] DiskLayerError),
     /// The container's user or group is outside the user namespace's range.
     #[error("id {id} is not mapped in the user namespace (range {range} maps container ids 0 to {})", range.count - 1)]
     UnmappedId {
@@ -204,6 +212,7 @@ impl EngineError {
             EngineError::Setup { step: SetupStep::MountTarget, .. } => "invalid_rootfs",
             EngineError::Setup { .. } | EngineError::SetupLost(_) => "setup",
             EngineError::Cgroup(_) => "cgroup",
+            EngineError::DiskLayer(DiskLayerError::NoSpace { .. }) => "no_space",
             _ => "runtime",
         }
     }
@@ -247,6 +256,9 @@ struct Shared {
     own_pid_namespace: OwnedFd,
     /// The user namespace containers enter, in user-namespace mode.
     user_namespace: Option<userns::UserNamespace>,
+    /// What making disk layers of their own filesystem needs; `None` where
+    /// the host lacks it (disk layers are then plain directories).
+    disk_layers: Option<disk_layer::DiskLayers>,
     /// This process's user namespace (device, inode): an exec into a
     /// container in another one joins it.
     own_user_namespace: (u64, u64),
@@ -317,6 +329,16 @@ impl Engine {
             }
             None => None,
         };
+        let disk_layers = match disk_layer::DiskLayers::probe() {
+            Ok(disk_layers) => Some(disk_layers),
+            Err(reason) => {
+                tracing::warn!(
+                    %reason,
+                    "disk layers (long-running containers, --scratch disk) are plain directories, not size-limited"
+                );
+                None
+            }
+        };
         Ok(Engine {
             shared: Arc::new(Shared {
                 config,
@@ -327,6 +349,7 @@ impl Engine {
                 own_pid_namespace,
                 user_namespace,
                 own_user_namespace,
+                disk_layers,
             }),
         })
     }
@@ -351,6 +374,49 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Where `spec`'s writes go on disk, if they do: a filesystem of its own
+    /// where the host can make one, else a plain directory.
+    fn disk_layout(&self, spec: &ContainerSpec) -> Option<DiskLayout> {
+        match spec.root.scratch {
+            _ if spec.root.read_only => None,
+            Scratch::Memory => None,
+            Scratch::Disk if self.shared.disk_layers.is_some() => Some(DiskLayout::OwnFilesystem),
+            Scratch::Disk | Scratch::Directory => Some(DiskLayout::Directory),
+        }
+    }
+
+    /// Makes what a disk layer needs in container directory `dir` (which
+    /// exists) unless it is there already (a long-running container's
+    /// later runs): the root's mount point, and the image (its own
+    /// filesystem) or the upper and work directories.
+    fn make_disk_layer(&self, dir: &Path, layout: DiskLayout, limits: &Limits) -> Result<(), EngineError> {
+        let subdirs: &[&str] = match layout {
+            DiskLayout::OwnFilesystem => &["rootfs", disk_layer::MOUNT_POINT],
+            DiskLayout::Directory => &["rootfs", "upper", "work"],
+        };
+        for sub in subdirs {
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path).map_err(|source| EngineError::StateDirectory { path, source })?;
+        }
+        match (layout, &self.shared.disk_layers) {
+            (DiskLayout::OwnFilesystem, Some(disk_layers)) => {
+                let image = dir.join(disk_layer::IMAGE);
+                if !image.exists() {
+                    disk_layers.make(&image, limits.scratch_bytes)?;
+                }
+                Ok(())
+            }
+            _ => self.own_upper(&dir.join("upper")),
+        }
+    }
+
+    /// Mounts the disk layer of container directory `dir` (detached), for
+    /// its setup process to move into place.
+    fn mount_disk_layer(&self, dir: &Path) -> Result<OwnedFd, EngineError> {
+        let owner = self.user_namespace().map(|range| (range.host_id(0), range.host_id(0)));
+        Ok(disk_layer::mount(&dir.join(disk_layer::IMAGE), owner)?)
     }
 
     /// Gives a fresh on-disk upper directory (owned by host root) to the
@@ -425,9 +491,10 @@ impl Engine {
         spec.validate(&self.shared.machine)?;
         self.check_mapped(&spec)?;
         let state_dir = &self.shared.config.state_dir;
-        let disk_dir =
-            (spec.root.scratch == Scratch::Disk && !spec.root.read_only).then(|| state_dir.join(&spec.id));
-        let (options, _) = child::overlay_options(&spec, &root_paths(state_dir, disk_dir.as_deref(), &spec));
+        let disk_layout = self.disk_layout(&spec);
+        let disk_dir = disk_layout.map(|_| state_dir.join(&spec.id));
+        let disk = disk_dir.as_deref().zip(disk_layout);
+        let (options, _) = child::overlay_options(&spec, &root_paths(state_dir, disk, &spec));
         if options.len() > child::MAX_OVERLAY_OPTIONS {
             return Err(EngineError::TooManyLayers(spec.root.layers.len()));
         }
@@ -450,12 +517,11 @@ impl Engine {
             }
             Err(error) => return Err(error.into()),
         };
-        if let Some(dir) = &disk_dir {
-            let made = ["", "rootfs", "upper", "work"].into_iter().try_for_each(|sub| {
-                let path = if sub.is_empty() { dir.clone() } else { dir.join(sub) };
-                std::fs::create_dir(&path).map_err(|source| EngineError::StateDirectory { path, source })
-            });
-            if let Err(error) = made.and_then(|()| self.own_upper(&dir.join("upper"))) {
+        if let Some((dir, layout)) = disk {
+            let made = std::fs::create_dir(dir)
+                .map_err(|source| EngineError::StateDirectory { path: dir.to_path_buf(), source })
+                .and_then(|()| self.make_disk_layer(dir, layout, &spec.limits));
+            if let Err(error) = made {
                 let _ = std::fs::remove_dir_all(dir);
                 let _ = cgroup.delete();
                 return Err(error);
@@ -465,6 +531,7 @@ impl Engine {
             engine: self.clone(),
             spec,
             disk_dir,
+            disk_layout,
             cgroup: Some(cgroup),
             join,
             join_user_namespace: false,
@@ -581,6 +648,8 @@ pub struct Container {
     spec: ContainerSpec,
     /// The on-disk state directory, for disk scratch only.
     disk_dir: Option<PathBuf>,
+    /// How its disk layer is kept, for disk scratch only.
+    disk_layout: Option<DiskLayout>,
     cgroup: Option<ContainerCgroup>,
     /// For an exec: the pidfd of the running container's first process.
     join: Option<OwnedFd>,
@@ -605,19 +674,31 @@ pub struct Container {
 /// its own state directory; otherwise the engine's state directory, which each
 /// container covers with its own tmpfs (or its read-only root) inside its own
 /// private mount namespace.
-fn root_paths(state_dir: &Path, disk_dir: Option<&Path>, spec: &ContainerSpec) -> RootPaths {
-    match disk_dir {
-        Some(dir) => RootPaths {
+fn root_paths(state_dir: &Path, disk: Option<(&Path, DiskLayout)>, spec: &ContainerSpec) -> RootPaths {
+    match disk {
+        Some((dir, DiskLayout::OwnFilesystem)) => {
+            let layer = dir.join(disk_layer::MOUNT_POINT);
+            RootPaths {
+                target: dir.join("rootfs"),
+                upper: layer.join("upper"),
+                work: layer.join("work"),
+                memory_scratch: None,
+                disk_scratch: Some(layer),
+            }
+        }
+        Some((dir, DiskLayout::Directory)) => RootPaths {
             target: dir.join("rootfs"),
             upper: dir.join("upper"),
             work: dir.join("work"),
             memory_scratch: None,
+            disk_scratch: None,
         },
         None if spec.root.read_only => RootPaths {
             target: state_dir.to_path_buf(),
             upper: PathBuf::new(),
             work: PathBuf::new(),
             memory_scratch: None,
+            disk_scratch: None,
         },
         None => RootPaths {
             target: state_dir.join("root"),
@@ -627,8 +708,18 @@ fn root_paths(state_dir: &Path, disk_dir: Option<&Path>, spec: &ContainerSpec) -
                 state_dir.to_path_buf(),
                 spec.limits.scratch_bytes.min(spec.limits.memory_bytes),
             )),
+            disk_scratch: None,
         },
     }
+}
+
+/// How a disk layer is kept (see the `disk_layer` module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DiskLayout {
+    /// An ext4 image of the scratch size, mounted in the container only.
+    OwnFilesystem,
+    /// Plain `upper` and `work` directories, not size-limited.
+    Directory,
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), EngineError> {
@@ -671,7 +762,11 @@ impl Container {
             }
         };
         let state_dir = &self.engine.shared.config.state_dir;
-        let paths = root_paths(state_dir, self.disk_dir.as_deref(), &self.spec);
+        let paths = root_paths(state_dir, self.disk_dir.as_deref().zip(self.disk_layout), &self.spec);
+        let disk_mount = match (&self.disk_dir, self.disk_layout) {
+            (Some(dir), Some(DiskLayout::OwnFilesystem)) => Some(self.engine.mount_disk_layer(dir)?),
+            _ => None,
+        };
         let mut namespaces = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
         if self.spec.network == NetworkMode::None {
             namespaces |= libc::CLONE_NEWNET;
@@ -694,6 +789,9 @@ impl Container {
                 self.engine.shared.last_capability,
             );
             plan.report_filesystems = self.join.is_none();
+            if let Some(mount) = &disk_mount {
+                plan.set_disk_mount(mount.as_raw_fd());
+            }
             plan.user_namespace = match (&self.join, self.join_user_namespace) {
                 (None, _) => self.engine.userns_plan(&self.spec),
                 // The owner of a created working directory: this engine's
@@ -744,6 +842,9 @@ impl Container {
 
         let report = read_setup_channel(report_read).await?;
         self.filesystems = report.filesystems;
+        // Kept to read how full the layer got; the filesystem lives until
+        // it is closed, in `finish`.
+        self.filesystems.scratch = self.filesystems.scratch.take().or(disk_mount);
         match report.failure {
             None => {
                 self.exec_at = Some(Instant::now());
@@ -846,14 +947,22 @@ impl Container {
         }
         // Before the output captures close: the space they reserved on the
         // same filesystem is freed with them.
-        let disk_fill = self.disk_dir.as_deref().and_then(disk_layer_fill);
+        let disk_fill = match self.disk_layout {
+            Some(DiskLayout::Directory) => self.disk_dir.as_deref().and_then(disk_layer_fill),
+            _ => None,
+        };
         let stdout = finish_stream(self.stdout.take()).await;
         let stderr = finish_stream(self.stderr.take()).await;
         let mut usage = Usage::default();
         // Read, then closed, before the cgroup goes: the descriptors keep the
         // tmpfs contents alive, and those pages are charged to the cgroup.
-        let scratch =
-            disk_fill.or_else(|| self.filesystems.scratch.take().and_then(|fd| filesystem_fill(&fd)));
+        let scratch = disk_fill.or_else(|| {
+            let own_filesystem = self.disk_layout == Some(DiskLayout::OwnFilesystem);
+            self.filesystems.scratch.take().and_then(|fd| match own_filesystem {
+                true => ext4_fill(&fd),
+                false => filesystem_fill(&fd),
+            })
+        });
         let shm = self.filesystems.shm.take().and_then(|fd| filesystem_fill(&fd));
         usage.scratch_full = scratch.is_some_and(|fill| fill.full);
         usage.shm_full = shm.is_some_and(|fill| fill.full);
@@ -1036,13 +1145,9 @@ fn filesystem_fill(root: &OwnedFd) -> Option<Fill> {
     })
 }
 
-/// How full the filesystem holding a disk layer (container directory
-/// `dir`) was; its upper directory is made by the runtime and opened
-/// without following links, and only given to fstatfs. Unlike tmpfs, ext4
-/// refuses writes while statfs still shows some space available (it keeps
-/// up to 4096 clusters, or 2% of a small filesystem, for itself), so the
-/// layer counts as full with less than 1/20 of the filesystem, at most
-/// 16 MiB, available to ordinary processes.
+/// How full the filesystem holding a plain-directory disk layer
+/// (container directory `dir`) was; its upper directory is made by the
+/// runtime and opened without following links, and only given to fstatfs.
 fn disk_layer_fill(dir: &Path) -> Option<Fill> {
     use std::os::unix::fs::OpenOptionsExt;
     let upper = std::fs::File::options()
@@ -1050,7 +1155,15 @@ fn disk_layer_fill(dir: &Path) -> Option<Fill> {
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(dir.join("upper"))
         .ok()?;
-    let status = nix::sys::statfs::fstatfs(&upper).ok()?;
+    ext4_fill(&OwnedFd::from(upper))
+}
+
+/// fstatfs of a disk filesystem. Unlike tmpfs, ext4 refuses writes while
+/// statfs still shows some space available (it keeps up to 4096 clusters,
+/// or 2% of a small filesystem, for itself), so it counts as full with less
+/// than 1/20 of it, at most 16 MiB, available to ordinary processes.
+fn ext4_fill(root: &OwnedFd) -> Option<Fill> {
+    let status = nix::sys::statfs::fstatfs(root).ok()?;
     let block = status.block_size() as u64;
     let total = (status.blocks() as u64).saturating_mul(block);
     let margin = (total / 20).clamp(block.max(1), 16 << 20);

@@ -97,11 +97,16 @@ pub enum Scratch {
     /// container's memory limit. The default, for one-shot tasks.
     #[default]
     Memory,
-    /// A directory under the engine's state directory, on disk, kept until
-    /// the container is finished (for long-running containers and builds).
-    /// Not size-limited: it can fill its filesystem (overlayfs writes it
-    /// as root, so ext4's blocks reserved for root are no protection).
+    /// On disk, under the engine's state directory, kept until the
+    /// container is finished (long-running containers keep it between
+    /// runs): an ext4 filesystem of `Limits::scratch_bytes` of its own,
+    /// mounted only in the container (see the engine's `disk_layer`
+    /// module); where the host cannot make one, a plain directory.
     Disk,
+    /// On disk as plain `upper` and `work` directories under the engine's
+    /// state directory: not size-limited, it can fill the filesystem there.
+    /// For environment builds, whose layer is that upper directory.
+    Directory,
 }
 
 impl std::str::FromStr for Scratch {
@@ -110,6 +115,7 @@ impl std::str::FromStr for Scratch {
         match s {
             "memory" => Ok(Scratch::Memory),
             "disk" => Ok(Scratch::Disk),
+            "directory" => Ok(Scratch::Directory),
             other => Err(SpecError::Scratch(other.to_owned())),
         }
     }
@@ -247,7 +253,7 @@ pub enum SpecError {
     #[error("invalid hostname {0:?}: 1-64 characters [A-Za-z0-9.-]")]
     Hostname(String),
     /// Unknown scratch kind.
-    #[error("invalid scratch {0:?}: expected memory or disk")]
+    #[error("invalid scratch {0:?}: expected memory, disk or directory")]
     Scratch(String),
     /// Scratch size out of range.
     #[error("invalid scratch size {0} bytes: must be at least 1 MiB")]

@@ -2,7 +2,7 @@
 //! neither libc nor nix wraps: clone3 (and a stack for glibc's clone with
 //! `CLONE_VM`), openat2, the new mount API (fsopen,
 //! fsconfig, fsmount, open_tree, move_mount, mount_setattr), pidfd calls,
-//! capset, close_range, and descriptor passing (`SCM_RIGHTS`) over the setup
+//! capset, close_range, the loop-device ioctls, and descriptor passing (`SCM_RIGHTS`) over the setup
 //! channel.
 //!
 //! Every wrapper here is async-signal-safe: it allocates nothing, takes no
@@ -53,6 +53,7 @@ pub(super) const RESOLVE_NO_SYMLINKS: u64 = 0x04;
 /// Refuse /proc "magic links".
 pub(super) const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
 
+const FSCONFIG_SET_FLAG: u32 = 0;
 const FSCONFIG_SET_STRING: u32 = 1;
 const FSCONFIG_CMD_CREATE: u32 = 6;
 const FSOPEN_CLOEXEC: u32 = 1;
@@ -391,6 +392,93 @@ pub(super) fn capset(effective: u64, permitted: u64, inheritable: u64) -> Result
         .map(drop)
 }
 
+/// `struct loop_info64` (include/uapi/linux/loop.h).
+#[repr(C)]
+struct LoopInfo64 {
+    device: u64,
+    inode: u64,
+    rdevice: u64,
+    offset: u64,
+    size_limit: u64,
+    number: u32,
+    encrypt_type: u32,
+    encrypt_key_size: u32,
+    flags: u32,
+    file_name: [u8; 64],
+    crypt_name: [u8; 64],
+    encrypt_key: [u8; 32],
+    init: [u64; 2],
+}
+
+/// `struct loop_config`.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+/// `LOOP_CTL_GET_FREE`.
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+/// `LOOP_CONFIGURE` (Linux 5.8).
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+/// The device detaches itself when its last user (a mount) is gone.
+pub(super) const LO_FLAGS_AUTOCLEAR: u32 = 4;
+/// I/O bypasses the page cache of the backing file.
+pub(super) const LO_FLAGS_DIRECT_IO: u32 = 16;
+
+/// ioctl(LOOP_CTL_GET_FREE) on /dev/loop-control: the number of a free
+/// loop device, made if needed.
+pub(super) fn loop_get_free(control: RawFd) -> Result<u32, Errno> {
+    // SAFETY: an ioctl without argument.
+    let number = check(unsafe { libc::ioctl(control, LOOP_CTL_GET_FREE) } as libc::c_long)?;
+    u32::try_from(number).map_err(|_| Errno::ERANGE)
+}
+
+/// ioctl(LOOP_CONFIGURE): backs loop device `device` with the file `backing`.
+pub(super) fn loop_configure(device: RawFd, backing: RawFd, flags: u32) -> Result<(), Errno> {
+    let config = LoopConfig {
+        fd: u32::try_from(backing).map_err(|_| Errno::EBADF)?,
+        block_size: 0,
+        info: LoopInfo64 {
+            device: 0,
+            inode: 0,
+            rdevice: 0,
+            offset: 0,
+            size_limit: 0,
+            number: 0,
+            encrypt_type: 0,
+            encrypt_key_size: 0,
+            flags,
+            file_name: [0; 64],
+            crypt_name: [0; 64],
+            encrypt_key: [0; 32],
+            init: [0; 2],
+        },
+        reserved: [0; 8],
+    };
+    // SAFETY: LOOP_CONFIGURE reads a `struct loop_config`.
+    check(unsafe { libc::ioctl(device, LOOP_CONFIGURE, &config as *const LoopConfig) } as libc::c_long)
+        .map(drop)
+}
+
+/// fsconfig(FSCONFIG_SET_FLAG): a mount option without a value.
+pub(super) fn fsconfig_flag(fs: RawFd, key: &CStr) -> Result<(), Errno> {
+    // SAFETY: key is NUL-terminated; value must be NULL and aux 0.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs,
+            FSCONFIG_SET_FLAG,
+            key.as_ptr(),
+            std::ptr::null::<libc::c_char>(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
 /// close_range(2).
 pub(super) fn close_range(first: u32, last: u32, flags: u32) -> Result<(), Errno> {
     // SAFETY: plain integer arguments.
@@ -646,4 +734,15 @@ pub fn take_inherited_fd(fd: RawFd) -> std::io::Result<OwnedFd> {
     // SAFETY: the descriptor is open (checked above) and, per this
     // function's contract, owned by nothing else in the process.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loop_structures_match_the_kernel_headers() {
+        assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
+        assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+    }
 }

@@ -299,7 +299,8 @@ async fn build(
         })?;
     }
     let mut spec = ContainerSpec::new(&id, layers.to_vec(), vec!["sleep".into(), "86400".into()]);
-    spec.root.scratch = Scratch::Disk;
+    // The layer is the upper directory itself, renamed into the store.
+    spec.root.scratch = Scratch::Directory;
     spec.network = NetworkMode::Host;
     spec.limits.timeout = None;
     spec.limits.memory_bytes = shared.config.limits.max_memory_bytes;

@@ -441,6 +441,7 @@ async fn start_run_inner(
         prepared.apply(task, &mut spec);
     }
     spec.root.scratch = crate::engine::Scratch::Disk;
+    spec.limits.scratch_bytes = shared.config.limits.long_running_disk_bytes;
     // A long-running container has no wall-clock limit; its execs do.
     spec.limits.timeout = None;
     spec.stdin = None;

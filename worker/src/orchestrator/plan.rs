@@ -31,6 +31,10 @@ pub struct TaskLimitsPolicy {
     pub default_output_bytes: u64,
     /// Most output kept per stream, bytes.
     pub max_output_bytes: u64,
+    /// Size of a long-running container's writable layer, bytes: a
+    /// filesystem of its own on the data disk (see the engine's
+    /// `disk_layer` module), allocated in full when it is made.
+    pub long_running_disk_bytes: u64,
 }
 
 impl Default for TaskLimitsPolicy {
@@ -46,6 +50,7 @@ impl Default for TaskLimitsPolicy {
             max_timeout: Duration::from_secs(3600),
             default_output_bytes: 1 << 20,
             max_output_bytes: 2 << 20,
+            long_running_disk_bytes: 1 << 30,
         }
     }
 }
