@@ -146,6 +146,8 @@ async fn lifecycle(engine: Engine, reopen: impl Fn() -> Engine, id: &str, cgroup
         assert!(!dir.join(id).exists(), "{}", dir.join(id).display());
     }
     assert!(!second.container_dir(id).exists());
+    // Its disk layer's loop device went with its mount namespace.
+    quilt_tests::assert_no_loop_devices_under(&second.container_dir(id));
     assert!(quilt_tests::processes_matching(&format!("--exit-file {}", second.container_dir(id).display()))
         .is_empty());
 }

@@ -16,9 +16,9 @@
 //!
 //! Order and why:
 //! 1. stdio onto 0-2, then every other descriptor closed but the setup
-//!    channel, the cgroup `tasks` files and an exec's pidfd (the runtime's
-//!    open directories must not be reachable through `/dev/fd/N` before
-//!    exec), signals reset (Rust ignores SIGPIPE; a blocked mask would
+//!    channel, the cgroup `tasks` files, an exec's pidfd and a disk layer's
+//!    mount (the runtime's open directories must not be reachable through
+//!    `/dev/fd/N` before exec), signals reset (Rust ignores SIGPIPE; a blocked mask would
 //!    survive exec), non-dumpable;
 //! 2. cgroup v1: the child writes "0" to each hierarchy's `tasks` file
 //!    itself. Moving oneself by thread avoids the global threadgroup
@@ -27,8 +27,10 @@
 //!    here). On v2 clone3's CLONE_INTO_CGROUP did it already. Then a new
 //!    cgroup namespace rooted at the container's cgroup;
 //! 3. mounts: propagation private; the root (overlay of the layers plus a
-//!    private upper, on a tmpfs that exists only in this mount namespace or
-//!    in a directory on disk; or a read-only bind); then /proc, /dev (tmpfs with the
+//!    private upper, on a tmpfs that exists only in this mount namespace, on
+//!    a disk layer's ext4, which the runtime mounted detached and this
+//!    process moves into place (and closes), or in a directory on disk; or a
+//!    read-only bind); then /proc, /dev (tmpfs with the
 //!    standard nodes), /dev/pts, /dev/shm, /dev/mqueue, /sys (read-only).
 //!    The scratch tmpfs and /dev/shm get a size and an inode bound
 //!    (`nr_inodes`); right after /dev/shm is mounted, an `O_PATH` descriptor
