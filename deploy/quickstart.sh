@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quilt quick start: install what is missing (busybox-static, a nats-server
-# new enough for the embedded broker), build Quilt, import a tiny busybox
+# new enough for the embedded broker, e2fsprogs), build Quilt, import a tiny busybox
 # image, and run `quilt up`: an embedded nats-server plus a worker. Run as
 # root. Then, from another terminal, send the first task:
 #   target/release/quilt run --image busybox -- echo hello
@@ -17,6 +17,11 @@ export DEBIAN_FRONTEND=noninteractive
 if ! command -v busybox >/dev/null 2>&1; then
   echo "== installing busybox-static (the demo image)" >&2
   apt-get update -q && apt-get install -y -q busybox-static python3-venv
+fi
+# mkfs.ext4: long-running containers' disk layers are filesystems of their own.
+if ! command -v mkfs.ext4 >/dev/null 2>&1 && [ ! -x /sbin/mkfs.ext4 ]; then
+  echo "== installing e2fsprogs (mkfs.ext4, for long-running containers' disk layers)" >&2
+  apt-get update -q && apt-get install -y -q e2fsprogs
 fi
 
 # The embedded broker needs nats-server 2.10 or newer (it fsyncs every
