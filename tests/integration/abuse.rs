@@ -308,8 +308,15 @@ struct SmallFilesystem {
 }
 
 impl SmallFilesystem {
+    /// Mounted as `<data>/containers`, where `quilt run --local` keeps
+    /// container directories.
     fn new(data: &TestDir, megabytes: u64) -> SmallFilesystem {
-        let image = data.path.join("disk.img");
+        SmallFilesystem::at(&data.path, &data.path.join("containers"), megabytes)
+    }
+
+    /// Its image in `dir`, mounted at `mount_point`.
+    fn at(dir: &std::path::Path, mount_point: &std::path::Path, megabytes: u64) -> SmallFilesystem {
+        let image = dir.join("disk.img");
         std::fs::File::create(&image).unwrap().set_len(megabytes << 20).unwrap();
         let made = std::process::Command::new("mkfs.ext4")
             .args(["-q", "-F", "-m", "0"])
@@ -317,8 +324,7 @@ impl SmallFilesystem {
             .status()
             .unwrap();
         assert!(made.success(), "mkfs.ext4 failed");
-        // `quilt run --local` keeps container directories here.
-        let mount_point = data.path.join("containers");
+        let mount_point = mount_point.to_path_buf();
         std::fs::create_dir_all(&mount_point).unwrap();
         let mounted = std::process::Command::new("mount")
             .args(["-o", "loop"])
@@ -409,6 +415,35 @@ fn a_disk_layer_bigger_than_the_data_disk_has_room_for_is_refused() {
     assert_no_loop_devices_under(&filesystem.mount_point);
     filesystem.unmount();
     assert_nothing_left(&data, "quilt", id);
+}
+
+/// A worker whose data disk has no room for a long-running container's
+/// layer hands the task back for a worker that has; after the last
+/// delivery (here the first) the result names the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_room_for_a_disk_layer_says_no_space() {
+    let Setup { dir, broker, data } = Setup::new("abuse-no-room").await;
+    let mut filesystem = SmallFilesystem::at(&dir.path, &data.join("containers"), 48);
+    let mut worker =
+        Worker::start(&data, &broker.url, "noroom", &["--long-running-disk", "1G", "--max-deliver", "1"]);
+    let agent = Agent::connect(&broker.url).await;
+    let id = agent
+        .submit(&json!({"id": "lr-big", "image": "busybox", "command": ["sleep", "1000"],
+            "container": {"mode": "long_running", "name": "big"}}))
+        .await;
+    let result = agent.result(&id, BOUND).await;
+    assert_eq!(result["status"], "error", "{result:#}");
+    assert_eq!(result["error"]["kind"], "no_space", "{result:#}");
+    let message = result["error"]["message"].as_str().unwrap();
+    assert!(message.contains("no space for a 1024 MiB disk layer"), "{result:#}");
+    // The worker keeps serving tasks that need no disk layer.
+    let ok = agent.submit(&task("after-no-room", &["echo", "fine"])).await;
+    assert_eq!(agent.result(&ok, BOUND).await["stdout"], "fine\n");
+    assert!(worker.terminate().success(), "{}", worker.log_text());
+    assert_no_loop_devices_under(&data);
+    filesystem.unmount();
+    assert_worker_left_nothing("noroom", &data);
+    broker.stop().await;
 }
 
 #[test]

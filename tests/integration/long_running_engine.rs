@@ -62,7 +62,13 @@ async fn wait_logs(engine: &Engine, id: &str, needle: &str) {
 async fn lifecycle(engine: Engine, reopen: impl Fn() -> Engine, id: &str, cgroup_dirs: &[&Path]) {
     let command =
         ["/bin/sh", "-c", "echo run start; mkdir -p /state; echo 1 >> /state/runs; exec sleep 100000"];
+    // What a crash while its disk layer was being made leaves: a half-made
+    // image under its temporary name, which the first run makes anew.
+    std::fs::create_dir_all(engine.container_dir(id)).unwrap();
+    std::fs::write(engine.container_dir(id).join("layer.img.partial"), b"half made").unwrap();
     let running = engine.start_long_running(spec(id, &command), 1, &long_running()).await.unwrap();
+    assert!(!engine.container_dir(id).join("layer.img.partial").exists());
+    assert!(engine.container_dir(id).join("layer.img").is_file());
     let identity = running.identity();
     assert_eq!(identity.run, 1);
     wait_logs(&engine, id, "run start\n").await;

@@ -384,27 +384,13 @@ pub fn run_image(data: &TestDir, id: &str, image: &str, command: &[&str]) -> Str
     text(&output.stdout)
 }
 
-/// Loop devices whose backing file is under `dir`, as "loopN: file".
-pub fn loop_devices_backed_under(dir: &Path) -> Vec<String> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/sys/block") else { return found };
-    for entry in entries.flatten() {
-        if let Ok(file) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
-            if Path::new(file.trim()).starts_with(dir) {
-                found.push(format!("{}: {}", entry.file_name().to_string_lossy(), file.trim()));
-            }
-        }
-    }
-    found
-}
-
 /// No loop device is backed by a file under `dir` (a disk layer's device
 /// detaches itself once its container's mount namespace is gone, which the
 /// kernel may finish a moment after the last process: bounded wait).
 pub fn assert_no_loop_devices_under(dir: &Path) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let left = loop_devices_backed_under(dir);
+        let left = quilt::engine::loop_devices_backed_under(dir);
         if left.is_empty() {
             return;
         }

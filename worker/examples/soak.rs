@@ -512,7 +512,7 @@ async fn main() {
         .filter(|line| line.contains(&data))
         .map(str::to_owned)
         .collect();
-    let loop_devices = loop_devices_backed_under(&args.dir.join("data"));
+    let loop_devices = quilt::engine::loop_devices_backed_under(&args.dir.join("data"));
     let shims = processes_of(&shim);
     let quilt_processes: HashSet<i32> =
         processes_of(&args.quilt).into_iter().chain(shims.iter().copied()).collect();
@@ -562,19 +562,4 @@ async fn main() {
     });
     println!("{}", serde_json::to_string_pretty(&summary).unwrap());
     std::process::exit(if ok { 0 } else { 1 });
-}
-
-/// Loop devices whose backing file is under `dir` (disk layers whose
-/// device outlived their container).
-fn loop_devices_backed_under(dir: &Path) -> Vec<String> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/sys/block") else { return found };
-    for entry in entries.flatten() {
-        if let Ok(file) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
-            if Path::new(file.trim()).starts_with(dir) {
-                found.push(format!("{}: {}", entry.file_name().to_string_lossy(), file.trim()));
-            }
-        }
-    }
-    found
 }

@@ -127,9 +127,35 @@ impl DiskLayers {
     }
 
     /// Makes the image file `image`, of `bytes`, allocated in full, and
-    /// formats it. Takes some milliseconds (mkfs.ext4 runs).
+    /// formats it. Takes some milliseconds (mkfs.ext4 runs). The image is
+    /// made under another name and renamed into place once formatted, so a
+    /// crash never leaves a half-made `image` that a later start would
+    /// take for a layer.
     pub(super) fn make(&self, image: &Path, bytes: u64) -> Result<(), DiskLayerError> {
+        let partial = image.with_extension("img.partial");
+        let result = self.make_at(&partial, bytes).and_then(|()| {
+            std::fs::rename(&partial, image)
+                .map_err(|source| DiskLayerError::Image { path: image.to_path_buf(), source })
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        result.map_err(|error| match error {
+            DiskLayerError::NoSpace { bytes, .. } => {
+                DiskLayerError::NoSpace { path: image.to_path_buf(), bytes }
+            }
+            other => other,
+        })
+    }
+
+    fn make_at(&self, image: &Path, bytes: u64) -> Result<(), DiskLayerError> {
         let failed = |source| DiskLayerError::Image { path: image.to_path_buf(), source };
+        // Left by a crash half-way, if anything.
+        match std::fs::remove_file(image) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(failed(error)),
+        }
         let file = std::fs::File::options()
             .write(true)
             .create_new(true)
@@ -141,11 +167,7 @@ impl DiskLayers {
             .map_err(|_| failed(std::io::Error::from_raw_os_error(libc::EFBIG)))?;
         match nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, length) {
             Ok(()) => {}
-            Err(Errno::ENOSPC) => {
-                drop(file);
-                let _ = std::fs::remove_file(image);
-                return Err(DiskLayerError::NoSpace { path: image.to_path_buf(), bytes });
-            }
+            Err(Errno::ENOSPC) => return Err(DiskLayerError::NoSpace { path: image.to_path_buf(), bytes }),
             // A filesystem without fallocate: a sparse file, which takes its
             // space as it is written.
             Err(Errno::EOPNOTSUPP) => file.set_len(bytes).map_err(failed)?,
@@ -172,13 +194,13 @@ impl DiskLayers {
             .output()
             .map_err(failed)?;
         if !output.status.success() {
-            let _ = std::fs::remove_file(image);
             return Err(DiskLayerError::Format {
                 path: image.to_path_buf(),
                 message: format!("{} ({})", String::from_utf8_lossy(&output.stderr).trim(), output.status),
             });
         }
-        Ok(())
+        // mkfs.ext4 flushed what it wrote; made durable before the rename.
+        std::fs::File::open(image).and_then(|file| file.sync_all()).map_err(failed)
     }
 }
 
@@ -263,4 +285,20 @@ fn attach(image: &Path) -> Result<LoopDevice, DiskLayerError> {
         }
     }
     Err(failed("finding a free device", Errno::EBUSY))
+}
+
+/// Loop devices whose backing file is under `dir`, as "loopN: file": after
+/// its containers are gone, the disk layers that outlived them (there
+/// should be none). Read from `/sys/block/loop*/loop/backing_file`.
+pub fn loop_devices_backed_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else { return found };
+    for entry in entries.flatten() {
+        if let Ok(file) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
+            if Path::new(file.trim()).starts_with(dir) {
+                found.push(format!("{}: {}", entry.file_name().to_string_lossy(), file.trim()));
+            }
+        }
+    }
+    found
 }

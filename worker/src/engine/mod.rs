@@ -94,7 +94,7 @@ pub use bundle::{load_bundle, BundleError};
 pub use capabilities::{Capability, CapabilitySet, DEFAULT_CAPABILITIES};
 pub use cgroup::CgroupVersion;
 pub use child::SetupStep;
-pub use disk_layer::DiskLayerError;
+pub use disk_layer::{loop_devices_backed_under, DiskLayerError};
 pub use long_running::{Adoption, LongRunning, LongRunningConfig, ProcessIdentity, RunEnd, RunIdentity};
 pub use output::{OutputFollower, StreamProgress};
 pub use spec::{
