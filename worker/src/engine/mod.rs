@@ -827,8 +827,12 @@ impl Container {
         });
 
         let cap = self.spec.limits.output_bytes;
-        self.stdout = Some(Capture::start(stdout_read, state_dir, cap).map_err(EngineError::Output)?);
-        self.stderr = Some(Capture::start(stderr_read, state_dir, cap).map_err(EngineError::Output)?);
+        // A directory layer shares the captures' filesystem and can fill it.
+        let reserved = self.disk_layout == Some(DiskLayout::Directory);
+        self.stdout =
+            Some(Capture::start(stdout_read, state_dir, cap, reserved).map_err(EngineError::Output)?);
+        self.stderr =
+            Some(Capture::start(stderr_read, state_dir, cap, reserved).map_err(EngineError::Output)?);
         if let Some(bytes) = self.spec.stdin.clone() {
             let mut sender =
                 tokio::net::unix::pipe::Sender::from_owned_fd(stdin_write).map_err(EngineError::Output)?;

@@ -5,11 +5,12 @@
 //!
 //! The pump keeps the first `cap` bytes of each stream in its file and
 //! counts and drops the rest (the result says `truncated`), through one fixed
-//! buffer, so a flood costs CPU but never runtime memory. Space for the
-//! first 16 MiB of each stream is reserved when the file is made, so a full
-//! filesystem (a container's disk layer shares it) does not cost the kept
-//! output; past that, if it fills up, the pump keeps what it has and drops
-//! the rest the same way. Consumers that want
+//! buffer, so a flood costs CPU but never runtime memory. For a container
+//! whose writable layer is a plain directory on the same filesystem (it can
+//! fill it), space for the first 16 MiB of each stream is reserved when the
+//! file is made, so its own fill does not cost the kept output. Whenever the
+//! filesystem is full anyway, the pump keeps what it has and drops the rest
+//! the same way. Consumers that want
 //! the output live ([`OutputFollower`]) read the file behind the pump at their
 //! own pace; the pump announces progress on a `watch` channel and never waits
 //! for them.
@@ -50,15 +51,24 @@ pub(super) struct Capture {
 }
 
 impl Capture {
-    /// Start draining `pipe` into a new anonymous file in `directory`, keeping `cap` bytes.
-    pub(super) fn start(pipe: OwnedFd, directory: &Path, cap: u64) -> std::io::Result<Capture> {
+    /// Start draining `pipe` into a new anonymous file in `directory`, keeping `cap` bytes;
+    /// with `reserved`, the space for the first of them (at most 16 MiB) is
+    /// allocated up front.
+    pub(super) fn start(
+        pipe: OwnedFd,
+        directory: &Path,
+        cap: u64,
+        reserved: bool,
+    ) -> std::io::Result<Capture> {
         let file = File::options()
             .read(true)
             .write(true)
             .mode(0o600)
             .custom_flags(libc::O_TMPFILE)
             .open(directory)?;
-        reserve(&file, cap.min(RESERVED_MAX));
+        if reserved {
+            reserve(&file, cap.min(RESERVED_MAX));
+        }
         let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(pipe)?;
         let (sender, progress) = watch::channel(StreamProgress::default());
         let task = tokio::spawn(pump(receiver, file.try_clone()?, cap, sender));
